@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
 from typing import Any, Iterable, TypeVar
 
 C = TypeVar("C", bound="Config")
@@ -88,13 +89,17 @@ class Config:
             raise ParameterError(
                 f"unknown parameter {unknown[0]!r} for {cls.__name__}: valid ones are {cls.field_names()}"
             )
+        hints = typing.get_type_hints(cls)
         converted = {}
         for f in dataclasses.fields(cls):
             if f.name in values:
                 v = values[f.name]
-                # JSON turns tuples into lists; keep the declared container type.
-                if isinstance(v, list) and "tuple" in str(f.type):
+                hint = hints.get(f.name)
+                # JSON turns tuples into lists and nested configs into dicts; restore the declared types.
+                if isinstance(v, list) and "tuple" in str(hint):
                     v = tuple(v)
+                if isinstance(v, dict) and isinstance(hint, type) and issubclass(hint, Config):
+                    v = hint.from_dict(v)
                 converted[f.name] = v
         return cls(**converted)
 

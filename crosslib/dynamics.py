@@ -1,0 +1,215 @@
+"""Learning-dynamics metrics per snapshot: the statistical-learning phase and induction.
+
+For each snapshot we measure, on held-out text:
+
+* ``loss`` — next-token cross-entropy (nats);
+* ``unigram_kl`` — KL(corpus unigram ‖ the model's next-token distribution averaged over
+  positions): how well the model has learnt token frequencies;
+* ``unigram_kl_position`` and ``bigram_kl`` — the mean over positions of KL(unigram ‖ model) and
+  KL(corpus bigram(· | previous token) ‖ model): how closely the model's predictions *are* a
+  unigram or a bigram model. Each has a minimum when the model passes through that stage;
+* ``induction_score`` — loss on the first copy minus loss on the second copy of sequences of
+  random (frequent) tokens repeated twice, in nats: large only once an induction head exists.
+
+The corpus n-gram models are estimated on the training split, with the bigram interpolated with
+the unigram (Dirichlet smoothing) so that unseen pairs keep probability.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crosslib.artifacts import atomic_write_text, build_artifact, sha256_bytes
+from crosslib.config import Config, require, require_fraction, require_positive
+from crosslib.snapshots import load_snapshot, suite_fingerprint
+from crosslib.suite import corpus_tokens, iter_steps, token_windows
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsConfig(Config):
+    n_windows: int = 200  # held-out windows for loss and KLs
+    context_length: int = 128
+    induction_sequences: int = 100
+    induction_half_length: int = 32  # each sequence is this many random tokens, then the same again
+    frequent_fraction: float = 0.25  # draw random tokens from the most frequent quarter of the vocabulary
+    bigram_smoothing: float = 10.0
+    batch_size: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("n_windows", "context_length", "induction_sequences", "induction_half_length",
+                     "batch_size", "bigram_smoothing"):
+            require_positive(name, getattr(self, name))
+        require_fraction("frequent_fraction", self.frequent_fraction)
+
+
+@dataclasses.dataclass
+class NgramModel:
+    """Unigram and smoothed bigram distributions of a token stream."""
+
+    unigram: Float[np.ndarray, " vocab"]
+    bigram_counts: Any  # scipy.sparse CSR [previous, next]
+    smoothing: float
+
+    @classmethod
+    def fit(cls, tokens: np.ndarray, vocab_size: int, smoothing: float) -> "NgramModel":
+        import scipy.sparse as sp
+
+        tokens = np.asarray(tokens, dtype=np.int64)
+        counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64) + 1.0  # add-one: no zero
+        pairs = sp.coo_matrix((np.ones(len(tokens) - 1), (tokens[:-1], tokens[1:])), shape=(vocab_size, vocab_size))
+        return cls(counts / counts.sum(), pairs.tocsr(), smoothing)
+
+    def bigram(self, previous: Int[np.ndarray, " position"]) -> Float[np.ndarray, "position vocab"]:
+        rows = np.asarray(self.bigram_counts[previous].todense())
+        return (rows + self.smoothing * self.unigram) / (rows.sum(axis=1, keepdims=True) + self.smoothing)
+
+    def cross_entropy(self, tokens: np.ndarray) -> tuple[float, float]:
+        """(unigram, bigram) cross-entropy in nats per token on `tokens`."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        unigram_ce = float(-np.log(self.unigram[tokens[1:]]).mean())
+        log_probs = []
+        for start in range(0, len(tokens) - 1, 4096):
+            prev, nxt = tokens[start : start + 4096], tokens[start + 1 : start + 4097]
+            prev = prev[: len(nxt)]
+            log_probs.append(np.log(self.bigram(prev)[np.arange(len(nxt)), nxt]))
+        return unigram_ce, float(-np.concatenate(log_probs).mean())
+
+
+def induction_sequences(unigram: np.ndarray, config: DynamicsConfig) -> Int[Tensor, "sequence position"]:
+    """Random sequences of frequent tokens, each followed by an exact repeat of itself."""
+    rng = np.random.default_rng(config.seed)
+    frequent = np.argsort(-unigram)[: max(2, int(config.frequent_fraction * len(unigram)))]
+    first = rng.choice(frequent, size=(config.induction_sequences, config.induction_half_length))
+    return torch.from_numpy(np.concatenate([first, first], axis=1)).long()
+
+
+def _kl(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    return (p * (log_p - log_q)).sum(-1)
+
+
+@torch.no_grad()
+def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor, batch_size: int) -> dict[str, float]:
+    """The metrics above for one model on held-out `windows` and induction `repeats`."""
+    unigram = torch.from_numpy(ngrams.unigram).float()
+    log_unigram = unigram.log()
+    total_loss = total_kl_uni = total_kl_bi = 0.0
+    n_positions = 0
+    mean_probs = torch.zeros_like(unigram)
+    for batch in windows.split(batch_size):
+        log_q = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)  # [batch, position, vocab]
+        targets = batch[:, 1:]
+        total_loss += -log_q.gather(-1, targets[..., None]).sum().item()
+        q = log_q.exp()
+        mean_probs += q.sum((0, 1))
+        total_kl_uni += _kl(unigram, log_unigram, log_q).sum().item()
+        bigram = torch.from_numpy(ngrams.bigram(batch[:, :-1].reshape(-1).numpy())).float()
+        total_kl_bi += _kl(bigram, bigram.log(), log_q.reshape(-1, log_q.shape[-1])).sum().item()
+        n_positions += targets.numel()
+    mean_probs /= n_positions
+    half = repeats.shape[1] // 2
+    token_losses = []
+    for batch in repeats.split(batch_size):
+        log_q = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
+        token_losses.append(-log_q.gather(-1, batch[:, 1:, None])[..., 0])
+    token_losses = torch.cat(token_losses)  # [sequence, position]; position p predicts token p+1
+    first_copy = token_losses[:, : half - 1].mean().item()
+    second_copy = token_losses[:, half:].mean().item()
+    return {
+        "loss": total_loss / n_positions,
+        "unigram_kl": _kl(unigram, log_unigram, mean_probs.clamp_min(1e-12).log()).item(),
+        "unigram_kl_position": total_kl_uni / n_positions,
+        "bigram_kl": total_kl_bi / n_positions,
+        "induction_first_copy_loss": first_copy,
+        "induction_second_copy_loss": second_copy,
+        "induction_score": first_copy - second_copy,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsKey(Config):
+    """What determines a dynamics table: the weights, the metric settings and the token streams."""
+
+    suite: str
+    dynamics: DynamicsConfig
+    heldout: str
+    train: str
+
+
+def learning_dynamics(
+    suite: str | os.PathLike,
+    steps: list[int] | None = None,
+    config: DynamicsConfig = DynamicsConfig(),
+    *,
+    heldout_tokens: np.ndarray | None = None,
+    train_tokens: np.ndarray | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row of metrics per snapshot (cached by content), plus corpus n-gram cross-entropies.
+
+    Token streams default to the crosslib suite's own corpus splits; for a hub suite, pass streams
+    tokenized with its tokenizer.
+    """
+    steps = list(iter_steps(suite, steps))
+    heldout = corpus_tokens(suite, "heldout") if heldout_tokens is None else heldout_tokens
+    train = corpus_tokens(suite, "train") if train_tokens is None else train_tokens
+    require(len(steps) > 0, "steps", steps, "at least one step of the suite")
+
+    key = DynamicsKey(suite_fingerprint(suite, steps), config,
+                      sha256_bytes(np.ascontiguousarray(heldout).tobytes()),
+                      sha256_bytes(np.ascontiguousarray(train).tobytes()))
+
+    def build(folder):
+        first_model, _ = load_snapshot(suite, steps[0], with_tokenizer=False)
+        vocab = first_model.config.vocab_size
+        ngrams = NgramModel.fit(train, vocab, config.bigram_smoothing)
+        unigram_ce, bigram_ce = ngrams.cross_entropy(heldout)
+        windows = torch.from_numpy(token_windows(heldout, config.n_windows, config.context_length, config.seed))
+        repeats = induction_sequences(ngrams.unigram, config)
+        rows = []
+        for step in tqdm(steps, desc="learning dynamics", disable=not progress):
+            model, _ = load_snapshot(suite, step, device=device, with_tokenizer=False)
+            rows.append({"step": step, **snapshot_metrics(model, windows.to(device), ngrams, repeats.to(device),
+                                                         config.batch_size),
+                         "unigram_ce": unigram_ce, "bigram_ce": bigram_ce})
+        atomic_write_text(folder / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
+
+    folder = build_artifact("dynamics", key, build)
+    return pd.read_csv(folder / "metrics.csv")
+
+
+def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5) -> dict[str, Any]:
+    """Landmarks of the learning curves: when each n-gram fit is best, when induction turns on.
+
+    Induction "turns on" at the first snapshot whose score reaches half its final value, provided
+    the final score exceeds `induction_threshold` nats; otherwise it is reported as absent (None).
+    """
+    m = metrics.sort_values("step").reset_index(drop=True)
+    final = m.iloc[-1]
+    below_bigram = m[m["loss"] < m["bigram_ce"]]
+    induction_step = None
+    if final["induction_score"] > induction_threshold:
+        on = m[m["induction_score"] >= 0.5 * final["induction_score"]]
+        induction_step = int(on["step"].iloc[0])
+    return {
+        "unigram_fit_step": int(m.loc[m["unigram_kl_position"].idxmin(), "step"]),
+        "bigram_fit_step": int(m.loc[m["bigram_kl"].idxmin(), "step"]),
+        "loss_below_bigram_step": int(below_bigram["step"].iloc[0]) if len(below_bigram) else None,
+        "induction_step": induction_step,
+        "final_loss": float(final["loss"]),
+        "bigram_ce": float(final["bigram_ce"]),
+        "unigram_ce": float(final["unigram_ce"]),
+        "final_induction_score": float(final["induction_score"]),
+        "unigram_kl_step0": float(m["unigram_kl"].iloc[0]),
+        "unigram_kl_final": float(final["unigram_kl"]),
+    }

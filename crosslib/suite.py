@@ -1,0 +1,339 @@
+"""Snapshot suites: a small Pythia-architecture model trained from scratch, saved on Pythia's schedule.
+
+A suite is a folder of `step{N}/` Hugging Face checkpoints (safetensors + config + tokenizer +
+checksums), the tokenized train/held-out corpus, the training log and `suite.json`. It is an
+artifact keyed by its `SuiteConfig`, so asking for the same config again returns it at once,
+and a killed training run resumes from its last checkpoint to the same weights.
+
+    path = resolve_suite("tiny")              # trains on first use (about 10 minutes on 2 cores)
+    model, tokenizer = load_snapshot(path, 512)
+
+The same notebooks accept a hub id (``"EleutherAI/pythia-160m-deduped"``) or any local folder of
+`step{N}/` checkpoints in place of a preset name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crosslib.artifacts import atomic_write_json, atomic_write_text, build_artifact, read_json, sha256_file
+from crosslib.config import Config, ParameterError, require, require_fraction, require_positive
+from crosslib.constants import pythia_schedule
+from crosslib.corpus import CorpusConfig, load_corpus
+from crosslib.snapshots import CHECKSUMS_FILE, is_local_suite, list_steps, step_dir
+from crosslib.tokenizer import encode_documents, train_tokenizer
+
+SUITE_FILE = "suite.json"
+LOG_FILE = "training_log.jsonl"
+STATE_DIR = "train_state"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig(Config):
+    """Everything that determines a trained suite: corpus, tokenizer, model shape and training."""
+
+    corpus: CorpusConfig = CorpusConfig()
+    vocab_size: int = 4096
+    # Model: GPT-NeoX as in Pythia (rotary on a quarter of each head, parallel residual).
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    context_length: int = 128
+    rotary_pct: float = 0.25
+    parallel_residual: bool = True
+    # Training: AdamW, linear warmup then cosine decay to min_lr_ratio * lr.
+    total_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Share of training sequences whose second half repeats their first half. Plain Brown text
+    # does not grow an induction head within a laptop budget; this mix does (see chapter 1).
+    repeat_fraction: float = 0.25
+    # Checkpoints: 0, 1, 2, 4, ..., 512, then every `linear_every` steps (Pythia's schedule).
+    linear_every: int = 250
+    checkpoint_every: int = 100  # resumable training state, independent of the snapshots
+    bf16: bool = True  # bf16 autocast with eager attention: ~1.5x faster on AMX CPUs
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_mlp", "context_length",
+                     "total_steps", "batch_size", "linear_every", "checkpoint_every", "lr"):
+            require_positive(name, getattr(self, name))
+        require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
+        require(self.context_length % 2 == 0, "context_length", self.context_length, "an even number")
+        require(0 <= self.repeat_fraction <= 1, "repeat_fraction", self.repeat_fraction, "a number in [0, 1]")
+        require_fraction("rotary_pct", self.rotary_pct, open_interval=False)
+        require(0 <= self.warmup_steps < self.total_steps, "warmup_steps", self.warmup_steps,
+                f"0 <= warmup_steps < total_steps={self.total_steps}")
+        require(self.vocab_size >= 300, "vocab_size", self.vocab_size, "at least 300 (256 bytes + merges)")
+
+    @property
+    def steps(self) -> list[int]:
+        return pythia_schedule(self.total_steps, self.linear_every)
+
+    def model_config(self, eos_token_id: int):
+        from transformers import GPTNeoXConfig
+
+        return GPTNeoXConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.d_model,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            intermediate_size=self.d_mlp,
+            max_position_embeddings=self.context_length,
+            rotary_pct=self.rotary_pct,
+            use_parallel_residual=self.parallel_residual,
+            tie_word_embeddings=False,
+            bos_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
+        )
+
+
+SUITE_PRESETS: dict[str, SuiteConfig] = {
+    "tiny": SuiteConfig(),
+    "smoke": SuiteConfig(
+        corpus=CorpusConfig(max_documents=40),
+        vocab_size=512, n_layers=2, d_model=32, n_heads=2, d_mlp=128, context_length=32,
+        total_steps=48, batch_size=8, lr=3e-3, warmup_steps=4, linear_every=16, checkpoint_every=8,
+    ),
+}
+
+
+def lr_at(step: int, config: SuiteConfig) -> float:
+    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig) -> torch.Tensor:
+    """The batch of training step `step`: a pure function of (seed, step), so resuming is exact.
+
+    Random windows of the training stream; a `repeat_fraction` share of them repeat their first
+    half in their second half.
+    """
+    rng = np.random.default_rng([config.seed, step])
+    ctx = config.context_length
+    starts = rng.integers(0, len(tokens) - ctx, size=config.batch_size)
+    batch = np.stack([tokens[s : s + ctx] for s in starts]).astype(np.int64)
+    repeated = rng.random(config.batch_size) < config.repeat_fraction
+    half = ctx // 2
+    batch[repeated, half:] = batch[repeated, :half]
+    return torch.from_numpy(batch)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _save_snapshot(model, tokenizer_dir: Path, out: Path) -> None:
+    """Write `out` (a step{N} folder) atomically: model, tokenizer, then checksums of both."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tmp / f.name)
+    sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    atomic_write_json(tmp / CHECKSUMS_FILE, sums)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _save_state(model, optimizer, step: int, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    atomic_write_json(tmp / "state.json", {"step": step})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _load_state(model, optimizer, folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return int(read_json(folder / "state.json")["step"])
+
+
+def _read_log(path: Path, before_step: int) -> list[str]:
+    if not path.is_file():
+        return []
+    return [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < before_step]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_after: int | None) -> None:
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar for training, not one per saved checkpoint
+
+    tokenizer_dir = folder / TOKENIZER_DIR
+    if not (tokenizer_dir / "tokenizer.json").is_file() or not (folder / "tokens_heldout.npy").is_file():
+        corpus = load_corpus(config.corpus)
+        tmp = folder / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = train_tokenizer(corpus.train, config.vocab_size, tmp)
+        for split, docs in (("train", corpus.train), ("heldout", corpus.heldout)):
+            np.save(folder / f"tokens_{split}.npy", encode_documents(tokenizer, docs))
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)
+        os.replace(tmp, tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    train_tokens = np.load(folder / "tokens_train.npy", mmap_mode="r")
+    if len(train_tokens) < 2 * config.context_length:
+        raise ParameterError(f"corpus={config.corpus.source!r} is too small for context_length={config.context_length}")
+
+    torch.manual_seed(config.seed)
+    model_config = config.model_config(tokenizer.eos_token_id)
+    # Eager attention: with bf16 autocast it is faster than SDPA on CPU, whose bf16 backward is slow.
+    model_config._attn_implementation = "eager"
+    model = GPTNeoXForCausalLM(model_config)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    start = 0
+    if (folder / STATE_DIR / "state.json").is_file():
+        start = _load_state(model, optimizer, folder / STATE_DIR)
+    log_lines = _read_log(folder / LOG_FILE, start)
+    snapshots = set(config.steps)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, config.total_steps + 1), initial=start, total=config.total_steps + 1,
+               desc="training suite", disable=not progress, mininterval=1.0)
+    model.train()
+    for step in bar:
+        if step in snapshots:  # weights after `step` optimizer updates
+            _save_snapshot(model, tokenizer_dir, step_dir(folder, step))
+        if step == config.total_steps:
+            break
+        if step % config.checkpoint_every == 0 and step > start:
+            atomic_write_text(folder / LOG_FILE, "".join(line + "\n" for line in log_lines))
+            _save_state(model, optimizer, step, folder / STATE_DIR)
+        if interrupt_after is not None and step >= start + interrupt_after:
+            raise _Interrupted(step)
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = training_batch(train_tokens, step, config)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            loss = model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {step}; last checkpoint kept")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log_lines.append(json.dumps({"step": step, "loss": round(loss.item(), 5), "lr": lr,
+                                     "grad_norm": round(grad_norm.item(), 4)}))
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    atomic_write_text(folder / LOG_FILE, "".join(line + "\n" for line in log_lines))
+    shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    atomic_write_json(folder / SUITE_FILE, {
+        "steps": config.steps, "n_parameters": n_params,
+        "train_tokens": int(len(train_tokens)),
+        "heldout_tokens": int(len(np.load(folder / "tokens_heldout.npy", mmap_mode="r"))),
+        "tokens_seen": config.total_steps * config.batch_size * config.context_length,
+        "seconds_this_run": round(time.perf_counter() - t0, 1),
+    })
+
+
+def train_suite(config: SuiteConfig, *, root: str | os.PathLike | None = None, progress: bool = True,
+                interrupt_after: int | None = None) -> Path:
+    """Train (or find) the suite for `config`; returns its folder of `step{N}/` checkpoints.
+
+    `interrupt_after` stops the run after that many optimizer steps, as a kill would (for tests).
+    """
+    try:
+        return build_artifact("suite", config,
+                              lambda folder: _build_suite(folder, config, progress, interrupt_after), root)
+    except _Interrupted as stopped:
+        raise KeyboardInterrupt(f"suite training interrupted at step {stopped.args[0]}") from None
+
+
+def resolve_suite(suite: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                  root: str | os.PathLike | None = None) -> str:
+    """A suite reference as notebooks take it → something `load_snapshot` accepts.
+
+    A preset name (``"tiny"``, ``"smoke"``) is trained on first use, with `overrides` applied to
+    its config; a folder of `step{N}/` checkpoints or a hub id is returned as it is.
+    """
+    name = str(suite)
+    if name in SUITE_PRESETS:
+        return str(train_suite(SUITE_PRESETS[name].replace(**(overrides or {})), root=root))
+    if overrides:
+        raise ParameterError(f"suite_overrides only apply to the presets {sorted(SUITE_PRESETS)}, not to {name!r}")
+    if is_local_suite(name) or "/" in name and not name.startswith((".", "/")):
+        list_steps(name)  # fails early with a clear message
+        return name
+    raise ParameterError(
+        f"suite={name!r} is not allowed: use a preset {sorted(SUITE_PRESETS)}, a folder of step{{N}}/ "
+        "checkpoints, or a hub id such as 'EleutherAI/pythia-70m-deduped'"
+    )
+
+
+def suite_config(suite: str | os.PathLike) -> SuiteConfig | None:
+    """The config a crosslib-trained suite was built from (None for other suites)."""
+    path = Path(suite) / "config.json"
+    return SuiteConfig.from_dict(read_json(path)) if is_local_suite(suite) and path.is_file() else None
+
+
+def training_log(suite: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(suite) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def corpus_tokens(suite: str | os.PathLike, split: str = "heldout") -> np.ndarray:
+    """The token stream of a crosslib suite's corpus split (memory-mapped)."""
+    if split not in ("train", "heldout"):
+        raise ParameterError(f"split={split!r} is not allowed: choose 'train' or 'heldout'")
+    path = Path(suite) / f"tokens_{split}.npy"
+    if not path.is_file():
+        raise ParameterError(
+            f"suite={str(suite)!r} has no tokenized corpus (tokens_{split}.npy); for hub suites tokenize a "
+            "corpus with crosslib.tokenizer.encode_documents and pass the windows yourself"
+        )
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def token_windows(tokens: np.ndarray, n_windows: int, context_length: int, seed: int = 0) -> np.ndarray:
+    """`n_windows` non-overlapping windows of `context_length` tokens, at seeded random places."""
+    require_positive("n_windows", n_windows)
+    available = len(tokens) // context_length
+    require(n_windows <= available, "n_windows", n_windows,
+            f"at most {available} windows of {context_length} tokens fit in this split")
+    chosen = np.sort(np.random.default_rng(seed).choice(available, size=n_windows, replace=False))
+    return np.stack([tokens[i * context_length : (i + 1) * context_length] for i in chosen]).astype(np.int64)
+
+
+def iter_steps(suite: str | os.PathLike, steps: list[int] | None = None) -> Iterator[int]:
+    available = list_steps(suite)
+    for step in steps if steps is not None else available:
+        if step not in available:
+            raise ParameterError(f"steps contains {step!r}, which suite {str(suite)!r} lacks: available {available}")
+        yield step

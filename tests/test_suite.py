@@ -1,0 +1,172 @@
+"""The snapshot suite: deterministic training, exact resume, one loader for local and hub suites."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import micro_suite_config
+from crosslib.config import ParameterError
+from crosslib.constants import PYTHIA_STEPS, pythia_schedule
+from crosslib.snapshots import SnapshotError, list_steps, load_snapshot, step_dir
+from crosslib.suite import SuiteConfig, lr_at, resolve_suite, train_suite, training_batch, training_log
+
+
+def weights(suite: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(step_dir(suite, step) / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_pythia_schedule():
+    assert PYTHIA_STEPS[:12] == (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+    assert PYTHIA_STEPS[-1] == 143000 and len(PYTHIA_STEPS) == 154
+    assert pythia_schedule(2000, 250) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 250, 256, 500, 512, 750, 1000,
+                                          1250, 1500, 1750, 2000]
+    assert pythia_schedule(12, 4) == [0, 1, 2, 4, 8, 12]
+
+
+def test_suite_has_schedule_and_log(micro_suite):
+    assert list_steps(micro_suite) == [0, 1, 2, 4, 8, 12]
+    log = training_log(micro_suite)
+    assert [r["step"] for r in log] == list(range(12))
+    assert log[-1]["loss"] < log[0]["loss"]  # it learns something
+    model, tokenizer = load_snapshot(micro_suite, 12)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert model.config.use_parallel_residual and model.config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert tokenizer.decode(tokenizer("The cat sees the moon.")["input_ids"]) == "The cat sees the moon."
+
+
+def test_same_seed_same_weights(micro_suite, text_corpus, tmp_path):
+    again = train_suite(micro_suite_config(text_corpus), root=tmp_path, progress=False)
+    for step in (0, 4, 12):
+        assert_same_weights(weights(micro_suite, step), weights(again, step))
+    other = train_suite(micro_suite_config(text_corpus, seed=1), root=tmp_path, progress=False)
+    assert not torch.equal(weights(other, 12)["embed_out.weight"], weights(again, 12)["embed_out.weight"])
+
+
+def test_interrupted_run_resumes_to_same_weights(micro_suite, text_corpus, tmp_path):
+    config = micro_suite_config(text_corpus)
+    with pytest.raises(KeyboardInterrupt):
+        train_suite(config, root=tmp_path, progress=False, interrupt_after=7)
+    partial = next((tmp_path / "suite").glob("*.partial"))
+    assert (partial / "train_state" / "state.json").is_file()
+    resumed = train_suite(config, root=tmp_path, progress=False)
+    assert not partial.exists()
+    for step in list_steps(micro_suite):
+        assert_same_weights(weights(micro_suite, step), weights(resumed, step))
+    assert training_log(resumed) == training_log(micro_suite)
+
+
+KILL_SCRIPT = """
+import sys
+from conftest import micro_suite_config
+from crosslib.suite import train_suite
+from pathlib import Path
+train_suite(micro_suite_config(Path(sys.argv[1]), total_steps=24, linear_every=8, checkpoint_every=2),
+            root=sys.argv[2], progress=False)
+"""
+
+
+def test_kill_minus_nine_then_resume(text_corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(text_corpus), str(killed_root)], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(killed_root.glob("suite/*.partial/train_state/state.json")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(text_corpus), str(killed_root)], env=env, check=True)
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(text_corpus), str(clean_root)], env=env, check=True)
+    killed, clean = (next(p for p in root.glob("suite/*") if p.is_dir()) for root in (killed_root, clean_root))
+    assert killed.name == clean.name
+    for step in list_steps(clean):
+        assert_same_weights(weights(killed, step), weights(clean, step))
+
+
+def test_training_batches_are_a_function_of_step(text_corpus):
+    import numpy as np
+
+    config = micro_suite_config(text_corpus, repeat_fraction=1.0)
+    tokens = np.arange(1000, dtype=np.uint16)
+    a, b = training_batch(tokens, 5, config), training_batch(tokens, 5, config)
+    assert torch.equal(a, b) and not torch.equal(a, training_batch(tokens, 6, config))
+    assert torch.equal(a[:, 8:], a[:, :8])  # every sequence repeats its first half
+    assert lr_at(0, config) == pytest.approx(config.lr / 2)
+    assert lr_at(config.total_steps, config) == pytest.approx(config.lr * config.min_lr_ratio)
+
+
+def test_unknown_step_lists_available(micro_suite):
+    with pytest.raises(SnapshotError, match=r"step=3 .*available steps are \[0, 1, 2, 4, 8, 12\]"):
+        load_snapshot(micro_suite, 3)
+
+
+def test_corrupted_checkpoint_is_an_error(micro_suite, tmp_path):
+    copy = tmp_path / "suite"
+    shutil.copytree(micro_suite, copy)
+    weights_file = step_dir(copy, 4) / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-10] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="step4: model.safetensors does not match its checksum"):
+        load_snapshot(copy, 4)
+    # Without checksums, a truncated file is still caught (by safetensors), never half-loaded.
+    (step_dir(copy, 8) / "checksums.json").unlink()
+    truncated = step_dir(copy, 8) / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(SnapshotError, match="corrupted or unreadable checkpoint"):
+        load_snapshot(copy, 8)
+
+
+def make_hub_cache(suite: Path, repo_id: str, cache: Path) -> None:
+    """Lay out `suite` as the Hugging Face cache lays out a repo with revisions step{N}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    for step in list_steps(suite):
+        commit = f"{step:040x}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / f"step{step}").write_text(commit)
+        shutil.copytree(step_dir(suite, step), repo / "snapshots" / commit)
+
+
+def test_hub_id_and_local_folder_load_through_same_code(micro_suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_hub_cache(micro_suite, "crosslib-test/micro", tmp_path / "hub")
+    assert list_steps("crosslib-test/micro", cache_dir=tmp_path / "hub") == list_steps(micro_suite)
+    hub_model, hub_tokenizer = load_snapshot("crosslib-test/micro", 8, cache_dir=tmp_path / "hub")
+    local_model, local_tokenizer = load_snapshot(micro_suite, 8)
+    assert_same_weights(hub_model.state_dict(), local_model.state_dict())
+    assert hub_tokenizer("a red house")["input_ids"] == local_tokenizer("a red house")["input_ids"]
+    with pytest.raises(SnapshotError, match="step=3 is not in suite 'crosslib-test/micro'"):
+        load_snapshot("crosslib-test/micro", 3, cache_dir=tmp_path / "hub")
+
+
+def test_offline_hub_gives_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SnapshotError, match="local folder of step\\{N\\}/ checkpoints"):
+        load_snapshot("EleutherAI/pythia-70m-deduped", 1000, cache_dir=tmp_path / "empty")
+
+
+def test_bad_suite_parameters():
+    with pytest.raises(ParameterError, match="n_heads=3 .*divisor of d_model=128"):
+        SuiteConfig(n_heads=3)
+    with pytest.raises(ParameterError, match="unknown parameter 'layers'.*n_layers"):
+        SuiteConfig.from_dict({"layers": 2})
+    with pytest.raises(ParameterError, match="suite='nonsense' is not allowed.*'smoke', 'tiny'"):
+        resolve_suite("nonsense")
+    with pytest.raises(ParameterError, match="unknown parameter 'depth'"):
+        resolve_suite("tiny", {"depth": 3})
