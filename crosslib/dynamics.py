@@ -31,24 +31,27 @@ from tqdm.auto import tqdm
 from crosslib.artifacts import atomic_write_text, build_artifact, sha256_bytes
 from crosslib.config import Config, require, require_fraction, require_positive
 from crosslib.snapshots import load_snapshot, suite_fingerprint
-from crosslib.suite import corpus_tokens, iter_steps, token_windows
+from crosslib.corpus import CorpusConfig
+from crosslib.suite import iter_steps, suite_token_streams, token_windows
 
 
 @dataclasses.dataclass(frozen=True)
 class DynamicsConfig(Config):
     n_windows: int = 200  # held-out windows for loss and KLs
-    context_length: int = 128
+    context_length: int | None = None  # None: the model's context, at most 128
     induction_sequences: int = 100
-    induction_half_length: int = 32  # each sequence is this many random tokens, then the same again
+    induction_half_length: int | None = None  # random tokens, then the same again; None: context // 4
     frequent_fraction: float = 0.25  # draw random tokens from the most frequent quarter of the vocabulary
     bigram_smoothing: float = 10.0
     batch_size: int = 50
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("n_windows", "context_length", "induction_sequences", "induction_half_length",
-                     "batch_size", "bigram_smoothing"):
+        for name in ("n_windows", "induction_sequences", "batch_size", "bigram_smoothing"):
             require_positive(name, getattr(self, name))
+        for name in ("context_length", "induction_half_length"):
+            if getattr(self, name) is not None:
+                require_positive(name, getattr(self, name))
         require_fraction("frequent_fraction", self.frequent_fraction)
 
 
@@ -150,19 +153,18 @@ def learning_dynamics(
     steps: list[int] | None = None,
     config: DynamicsConfig = DynamicsConfig(),
     *,
-    heldout_tokens: np.ndarray | None = None,
-    train_tokens: np.ndarray | None = None,
+    corpus: CorpusConfig | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row of metrics per snapshot (cached by content), plus corpus n-gram cross-entropies.
 
-    Token streams default to the crosslib suite's own corpus splits; for a hub suite, pass streams
-    tokenized with its tokenizer.
+    The corpus defaults to the crosslib suite's own (for a hub suite: Brown, tokenized with the
+    suite's tokenizer); the n-gram models are fitted on its train split.
     """
     steps = list(iter_steps(suite, steps))
-    heldout = corpus_tokens(suite, "heldout") if heldout_tokens is None else heldout_tokens
-    train = corpus_tokens(suite, "train") if train_tokens is None else train_tokens
+    streams = suite_token_streams(suite, corpus)
+    heldout, train = streams["heldout"], streams["train"]
     require(len(steps) > 0, "steps", steps, "at least one step of the suite")
 
     key = DynamicsKey(suite_fingerprint(suite, steps), config,
@@ -172,10 +174,13 @@ def learning_dynamics(
     def build(folder):
         first_model, _ = load_snapshot(suite, steps[0], with_tokenizer=False)
         vocab = first_model.config.vocab_size
+        context = config.context_length or min(128, first_model.config.max_position_embeddings)
+        half = config.induction_half_length or context // 4
+        require(2 * half <= context, "induction_half_length", half, f"at most half the context ({context // 2})")
         ngrams = NgramModel.fit(train, vocab, config.bigram_smoothing)
         unigram_ce, bigram_ce = ngrams.cross_entropy(heldout)
-        windows = torch.from_numpy(token_windows(heldout, config.n_windows, config.context_length, config.seed))
-        repeats = induction_sequences(ngrams.unigram, config)
+        windows = torch.from_numpy(token_windows(heldout, config.n_windows, context, config.seed))
+        repeats = induction_sequences(ngrams.unigram, config.replace(induction_half_length=half))
         rows = []
         for step in tqdm(steps, desc="learning dynamics", disable=not progress):
             model, _ = load_snapshot(suite, step, device=device, with_tokenizer=False)

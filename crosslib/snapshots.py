@@ -120,6 +120,12 @@ def _verify_local_checkpoint(path: Path) -> None:
             raise SnapshotError(f"corrupted checkpoint {path}: {name} does not match its checksum")
 
 
+def load_tokenizer(suite: str | os.PathLike, step: int | None = None, *, cache_dir=None):
+    """The tokenizer of `suite` (at `step`, default its last step)."""
+    step = list_steps(suite, cache_dir=cache_dir)[-1] if step is None else step
+    return load_snapshot(suite, step, cache_dir=cache_dir, with_model=False)[1]
+
+
 def load_snapshot(
     suite: str | os.PathLike,
     step: int,
@@ -128,6 +134,7 @@ def load_snapshot(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     with_tokenizer: bool = True,
+    with_model: bool = True,
 ) -> tuple[Any, Any]:
     """Return `(model, tokenizer)` for `suite` at training step `step`, in eval mode.
 
@@ -152,8 +159,12 @@ def load_snapshot(
     # huggingface_hub reads HF_HUB_OFFLINE once at import; honour it as it is now.
     offline = {"local_files_only": True} if os.environ.get("HF_HUB_OFFLINE") else {}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, cache_dir=cache_dir, dtype=dtype, output_loading_info=True, **offline
+        model, info = (
+            AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, cache_dir=cache_dir, dtype=dtype, output_loading_info=True, **offline
+            )
+            if with_model
+            else (None, {})
         )
         tokenizer = (
             AutoTokenizer.from_pretrained(tokenizer_source, revision=revision, cache_dir=cache_dir, **offline)
@@ -171,4 +182,4 @@ def load_snapshot(
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise SnapshotError(f"checkpoint {source} does not match its config: {bad}")
-    return model.to(device).eval(), tokenizer
+    return (model.to(device).eval() if model is not None else None), tokenizer

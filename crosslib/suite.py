@@ -321,6 +321,38 @@ def corpus_tokens(suite: str | os.PathLike, split: str = "heldout") -> np.ndarra
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenStreamKey(Config):
+    corpus: CorpusConfig
+    tokenizer: str  # sha256 of the tokenizer's serialised form
+
+
+def suite_token_streams(suite: str | os.PathLike, corpus: CorpusConfig | None = None) -> dict[str, np.ndarray]:
+    """Train and held-out token streams for `suite`.
+
+    A crosslib suite with no `corpus` given uses its own corpus and tokenization. Otherwise the
+    corpus (default: Brown) is tokenized with the suite's own tokenizer (for Pythia, Pythia's) and
+    cached by content.
+    """
+    if corpus is None and (Path(suite) / "tokens_heldout.npy").is_file():
+        return {split: corpus_tokens(suite, split) for split in ("train", "heldout")}
+    from crosslib.artifacts import sha256_bytes
+    from crosslib.snapshots import load_tokenizer
+
+    tokenizer = load_tokenizer(suite)
+    corpus = corpus or CorpusConfig()
+    key = TokenStreamKey(corpus, sha256_bytes(tokenizer.backend_tokenizer.to_str().encode()))
+
+    def build(folder: Path) -> None:
+        documents = load_corpus(corpus)
+        for split, docs in (("train", documents.train), ("heldout", documents.heldout)):
+            np.save(folder / f"tokens_{split}.npy", encode_documents(tokenizer, docs))
+
+    folder = build_artifact("tokens", key, build)
+    return {split: np.load(folder / f"tokens_{split}.npy", mmap_mode="r", allow_pickle=False)
+            for split in ("train", "heldout")}
+
+
 def token_windows(tokens: np.ndarray, n_windows: int, context_length: int, seed: int = 0) -> np.ndarray:
     """`n_windows` non-overlapping windows of `context_length` tokens, at seeded random places."""
     require_positive("n_windows", n_windows)

@@ -170,3 +170,22 @@ def test_bad_suite_parameters():
         resolve_suite("nonsense")
     with pytest.raises(ParameterError, match="unknown parameter 'depth'"):
         resolve_suite("tiny", {"depth": 3})
+
+
+def test_token_streams_for_another_corpus_use_the_suite_tokenizer(micro_suite, text_corpus, tmp_path, monkeypatch):
+    import numpy as np
+
+    from crosslib.corpus import CorpusConfig
+    from crosslib.suite import suite_token_streams, token_windows
+
+    monkeypatch.setenv("CROSSLIB_DATA", str(tmp_path))
+    own = suite_token_streams(micro_suite)
+    # The same corpus given explicitly goes through the generic path (tokenize with the suite's
+    # tokenizer, cache by content) and must give the suite's own streams back.
+    generic = suite_token_streams(micro_suite, CorpusConfig(source=str(text_corpus), heldout_fraction=0.2))
+    for split in ("train", "heldout"):
+        np.testing.assert_array_equal(own[split], generic[split])
+    windows = token_windows(own["heldout"], 5, 16, seed=0)
+    assert windows.shape == (5, 16)
+    with pytest.raises(ParameterError, match="n_windows=100000 .*at most"):
+        token_windows(own["heldout"], 100000, 16)

@@ -1,0 +1,85 @@
+"""Learning-dynamics metrics: n-gram models, KLs and the induction score on real tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from crosslib.dynamics import DynamicsConfig, NgramModel, learning_dynamics, phase_summary, snapshot_metrics
+
+
+def test_ngram_model_matches_direct_counts():
+    tokens = np.array([0, 1, 2, 0, 1, 3, 0, 1, 2, 2])
+    ngrams = NgramModel.fit(tokens, vocab_size=5, smoothing=2.0)
+    unigram = (np.bincount(tokens, minlength=5) + 1) / (len(tokens) + 5)
+    np.testing.assert_allclose(ngrams.unigram, unigram)
+    rows = ngrams.bigram(np.array([0, 4]))
+    np.testing.assert_allclose(rows.sum(1), 1.0)
+    # After 0 the corpus always has 1 (3 times): (3 + 2 * p(1)) / (3 + 2)
+    assert rows[0, 1] == pytest.approx((3 + 2 * unigram[1]) / 5)
+    np.testing.assert_allclose(rows[1], unigram)  # an unseen context falls back on the unigram
+    unigram_ce, bigram_ce = ngrams.cross_entropy(tokens)
+    assert unigram_ce == pytest.approx(-np.log(unigram[tokens[1:]]).mean())
+    assert bigram_ce < unigram_ce
+
+
+class BigramLookup(torch.nn.Module):
+    """A 'language model' whose logits are log p_bigram(· | current token): the ideal bigram model."""
+
+    def __init__(self, ngrams: NgramModel):
+        super().__init__()
+        self.table = torch.from_numpy(ngrams.bigram(np.arange(len(ngrams.unigram)))).float().log()
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.table[input_ids]})
+
+
+def test_metrics_of_an_exact_bigram_model():
+    rng = np.random.default_rng(0)
+    successors = rng.integers(0, 20, size=(20, 2))  # a Markov chain: each token has 2 possible successors
+    tokens = [0]
+    for _ in range(4999):
+        tokens.append(successors[tokens[-1], rng.integers(2)])
+    tokens = np.array(tokens)
+    ngrams = NgramModel.fit(tokens, 20, smoothing=1.0)
+    windows = torch.from_numpy(tokens[:2000].reshape(50, 40)).long()
+    repeats = torch.from_numpy(np.tile(rng.integers(0, 20, size=(10, 8)), 2)).long()
+    metrics = snapshot_metrics(BigramLookup(ngrams), windows, ngrams, repeats, batch_size=16)
+    assert metrics["bigram_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["unigram_kl_position"] > 1.0
+    assert abs(metrics["induction_score"]) < 0.3  # a bigram model cannot copy
+
+
+def test_learning_dynamics_on_micro_suite(micro_suite, tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSLIB_DATA", str(tmp_path))
+    config = DynamicsConfig(n_windows=20, context_length=16, induction_sequences=8, induction_half_length=6,
+                            batch_size=10)
+    metrics = learning_dynamics(micro_suite, config=config, progress=False)
+    assert list(metrics["step"]) == [0, 1, 2, 4, 8, 12]
+    vocab = 300
+    assert metrics["loss"].iloc[0] == pytest.approx(np.log(vocab), abs=0.3)  # random init ≈ uniform
+    assert metrics["loss"].iloc[-1] < metrics["loss"].iloc[0] - 0.5
+    assert metrics["unigram_kl"].iloc[-1] < metrics["unigram_kl"].iloc[0]
+    assert (metrics["bigram_ce"] < metrics["unigram_ce"]).all()
+    again = learning_dynamics(micro_suite, config=config, progress=False)  # cached, identical
+    pd.testing.assert_frame_equal(metrics, again)
+
+
+def test_phase_summary_landmarks():
+    table = pd.DataFrame({
+        "step": [0, 16, 64, 256, 1000],
+        "loss": [8.3, 6.0, 5.0, 4.5, 4.0],
+        "unigram_kl": [3.0, 0.5, 0.2, 0.1, 0.1],
+        "unigram_kl_position": [3.0, 1.0, 0.9, 1.5, 2.0],
+        "bigram_kl": [4.0, 2.0, 1.0, 0.8, 1.2],
+        "induction_score": [0.0, 0.0, 0.1, 1.5, 2.0],
+        "bigram_ce": [4.8] * 5,
+        "unigram_ce": [6.5] * 5,
+    })
+    summary = phase_summary(table)
+    assert summary["unigram_fit_step"] == 64 and summary["bigram_fit_step"] == 256
+    assert summary["loss_below_bigram_step"] == 256 and summary["induction_step"] == 256
+    table["induction_score"] = 0.1
+    assert phase_summary(table)["induction_step"] is None
