@@ -1,17 +1,24 @@
 """crosslib: crosscoders across pre-training snapshots.
 
-Modules (imported on demand, so `import crosslib` stays fast):
-  constants  Pythia's checkpoint schedule, data directory
-  config     typed configs, ParameterError
-  artifacts  content-addressed, atomically published artifacts
-  corpus     text corpora and their train/held-out split
-  suite      tiny Pythia-architecture snapshot suites; loading local or hub snapshots
-  dynamics   learning-dynamics metrics per snapshot
-  hooks      hook names (blocks.{L}.hook_resid_post, ...) and activation capture
-  cache      activation cache aligned across snapshots
-  crosscoder the crosscoder (an SAE is a crosscoder with one snapshot)
-  train      crosscoder/SAE training
-  book       papermill runner and book build
+Modules (imported on demand, so `import crosslib` stays fast), in data-flow order:
+  constants   Pythia's checkpoint schedule, the data directory
+  config      typed configs and ParameterError (one clear error per bad parameter)
+  artifacts   content-addressed, atomically published, resumable artifacts
+  corpus      text corpora and their train/held-out split
+  tokenizer   byte-level BPE trained on a corpus
+  suite       tiny Pythia-architecture snapshot suites, trained on Pythia's schedule
+  snapshots   loading a snapshot from a local suite or a hub repo (one code path)
+  dynamics    learning-dynamics metrics per snapshot (n-gram fits, induction)
+  hooks       hook names (blocks.{L}.hook_resid_post, ...), capture and replacement
+  cache       activation cache aligned across snapshots
+  sources     the activation-source protocol the trainers read
+  crosscoder  the crosscoder (an SAE is a crosscoder over one snapshot)
+  train       crosscoder and SAE training
+  emergence   when features form: trajectories, emergence, turning point, separability
+  dashboards  feature dashboards (static HTML)
+  complexity  feature complexity scoring (offline context depth, LLM rubric)
+  crosslayer  statistics between features of adjacent layers, gates, graph
+  book        the papermill runner that builds the book
 """
 
 __version__ = "0.1.0"
