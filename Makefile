@@ -1,0 +1,40 @@
+# The two commands of a fresh machine (README): `make book` and `make test`.
+# Both create or reuse the virtualenv .venv; set-up runs again only when pyproject.toml changes.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := book
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PRESET ?= tiny
+PYTEST_ARGS ?=
+SETUP_KEY := $(shell sha256sum pyproject.toml | cut -c1-16)
+STAMP := $(VENV)/.crosslib-setup-$(SETUP_KEY)
+
+.PHONY: book test setup clean-book
+
+## setup: create/reuse .venv and install crosslib with its test tools (torch pinned, CPU build)
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "torch==2.13.0" > $(VENV)/constraints.txt
+	@echo "installing crosslib and its dependencies into $(VENV) (a few minutes the first time)"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -c $(VENV)/constraints.txt -e '.[dev]'
+	@$(BIN)/python -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith("2.13.0") else "torch " + v + " != 2.13.0")'
+	$(BIN)/crosslib fetch
+	@rm -f $(VENV)/.crosslib-setup-*
+	@touch $@
+
+## book: execute the chapters (preset $(PRESET)) and build the HTML into book/_build/html
+book: setup
+	$(BIN)/crosslib book --preset $(PRESET)
+
+## test: unit tests and the end-to-end ones (smoke book, headless chromium)
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## clean-book: remove the executed chapters and the built HTML (not the data/ cache)
+clean-book:
+	rm -rf book/chapters book/_build
