@@ -18,6 +18,9 @@ Modules (imported on demand, so `import crosslib` stays fast), in data-flow orde
   dashboards  feature dashboards (static HTML)
   complexity  feature complexity scoring (offline context depth, LLM rubric)
   crosslayer  statistics between features of adjacent layers, gates, graph
+  tasks       behavioural tasks (induction, agreement, IOI) with single-token targets
+  attribution splicing a dictionary into a model, attribution, ablation and patching
+  pipeline    the chain chapters walk: suite → activation store → dictionary
   book        the papermill runner that builds the book
 """
 
