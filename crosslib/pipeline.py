@@ -37,24 +37,28 @@ def activation_store(
     dtype: str = "float16",
     device: str = "cpu",
     seed: int = 0,
+    split: str = "heldout",
     progress: bool = True,
 ) -> ActivationStore:
     """The activations at `hook` of the `steps` snapshots of `suite` on held-out text.
 
-    The same `n_tokens // context_length` windows (at seeded random places of the held-out split)
-    are run through every snapshot. `context_length` defaults to the model's, at most 128.
+    The same `n_tokens // context_length` windows (at seeded random places of the corpus split,
+    held-out by default) are run through every snapshot. `context_length` defaults to the
+    model's, at most 128. Stores with the same suite, tokens and seed but different hooks hold the
+    same rows in the same order, so they can be read side by side (as the layers chapter does).
     """
     require_positive("n_tokens", n_tokens)
+    require_choice("split", split, ["heldout", "train"])
     path = resolve_suite(suite, suite_overrides)
     steps = tuple(iter_steps(path, list(steps) if steps is not None else None))
     if context_length is None:
         model, _ = load_snapshot(path, steps[-1], with_tokenizer=False)
         context_length = min(128, int(model.config.max_position_embeddings))
-    heldout = suite_token_streams(path, corpus)["heldout"]
+    stream = suite_token_streams(path, corpus)[split]
     n_windows = n_tokens // context_length
     if n_windows < 2:
         raise ParameterError(f"n_tokens={n_tokens} is not allowed: at least two windows of {context_length} tokens")
-    windows = token_windows(heldout, n_windows, context_length, seed)
+    windows = token_windows(stream, n_windows, context_length, seed)
     config = CacheConfig(suite=path, steps=steps, hook=hook, dtype=dtype, device=device)
     return build_store(config, windows, progress=progress)
 
@@ -146,3 +150,32 @@ def feature_activations(
         out[start : start + len(x)] = model.encode(x)[..., index].float().numpy()
     tokens = np.asarray(store.tokens[first_window : first_window + n_windows])
     return tokens, out.reshape(n_windows, store.context_length, store.n_snapshots, len(features))
+
+
+def layer_feature_batches(
+    stores: Sequence[Any],
+    dictionaries: Sequence[Crosscoder],
+    *,
+    split: str = "train",
+    batch_size: int = 8192,
+):
+    """A factory of iterators over aligned feature activations of several layers.
+
+    `stores[L]` and `dictionaries[L]` are layer L's single-snapshot store and SAE; all stores
+    must hold the same rows (same suite, tokens and seed). Each call of the returned function
+    yields tuples (features of layer 0, ..., features of layer N), each [batch, feature], in row
+    order — what `crosslib.crosslayer.layer_chain_statistics` reads (twice).
+    """
+    n_rows = {len(store.split_rows(split)) for store in stores}
+    require(len(n_rows) == 1, "stores", [str(s) for s in stores], "stores over the same rows (same tokens and seed)")
+    total = n_rows.pop()
+
+    @torch.no_grad()
+    def batches():
+        for start in range(0, total, batch_size):
+            yield tuple(
+                sae.encode(store.rows(split, start=start, limit=batch_size))[:, 0].float()
+                for store, sae in zip(stores, dictionaries)
+            )
+
+    return batches
