@@ -1,0 +1,310 @@
+"""Where dictionaries get their activations: the `ActivationSource` protocol and an in-memory source.
+
+Training code reads activations only through this protocol, so the disk-backed activation cache
+(`crosslib.cache.ActivationStore`) and an in-memory tensor (`TensorSource`, for tests and
+synthetic data) are interchangeable. A source holds rows aligned across snapshots: row r is the
+same token position in every snapshot.
+
+    source = TensorSource(acts)                     # acts: [row, snapshot, d_model]
+    for batch in source.batches(2048, seed=0):      # endless, shuffled, [batch, snapshot, d_model]
+        ...
+    source.batches(2048, seed=0, start_batch=k)     # its first batch is the k-th of the stream above
+
+Normalisation (DESIGN §4.1): snapshot θ is scaled by `norm_factors[θ] = sqrt(d_model) / E‖x^θ‖`,
+so every snapshot's rows have mean norm sqrt(d_model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from crosslib.config import ParameterError, require, require_choice, require_fraction
+
+SPLITS = ("train", "eval", "all")
+
+
+@runtime_checkable
+class ActivationSource(Protocol):
+    """Rows of activations aligned across snapshots (what crosscoder training reads).
+
+    Implemented by `crosslib.cache.ActivationStore` (on disk) and `TensorSource` (in memory).
+    Optional extras that training uses when present: `norm_factors` (per-snapshot
+    normalisation, for exporting to sae-lens) and `fingerprint` (a content id, for caching
+    trained dictionaries).
+    """
+
+    steps: list[int]
+    n_snapshots: int
+    d_model: int
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_batch: int = 0,
+        split: str = "train",
+        normalise: bool = True,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Float[Tensor, "batch snapshot d_model"]]:
+        """Endless shuffled batches, deterministic in (seed, start_batch): with start_batch=k the
+        first batch equals the k-th batch of the stream started at 0."""
+        ...
+
+    def rows(
+        self, split: str = "eval", *, limit: int | None = None, normalise: bool = True, device: Any = "cpu"
+    ) -> Float[Tensor, "row snapshot d_model"]:
+        """The rows of a split, in order (at most `limit`)."""
+        ...
+
+    def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "ActivationSource":
+        """A view over some snapshots (by training step or by position), same rows."""
+        ...
+
+
+def source_fingerprint(source: Any) -> str:
+    """A content identity for `source`, used to key cached dictionaries.
+
+    `source.fingerprint` when the source has one; for a cache store without it, the name of its
+    content-addressed directory plus the selected steps. Otherwise a `ParameterError`.
+    """
+    fp = getattr(source, "fingerprint", None)
+    if isinstance(fp, str) and fp:
+        return fp
+    path, steps = getattr(source, "path", None), getattr(source, "steps", None)
+    if path is not None and steps is not None:
+        hook = getattr(source, "hook", "")
+        return hashlib.sha256(f"{type(source).__name__}|{getattr(path, 'name', path)}|{hook}|{list(steps)}".encode()).hexdigest()[:32]
+    raise ParameterError(
+        f"source={type(source).__name__} has no 'fingerprint' attribute: caching a trained dictionary needs a "
+        "content identity of its data; pass a TensorSource/ActivationStore or train without the cache (out_dir=...)"
+    )
+
+
+class TensorSource:
+    """An `ActivationSource` over an in-memory tensor [row, snapshot, d_model].
+
+    The last `eval_fraction` of the rows form the "eval" split, the rest "train". Batches are
+    drawn epoch by epoch: epoch e visits the train rows in the order of a permutation seeded by
+    (seed, e), so batch k is a pure function of (seed, k).
+    """
+
+    def __init__(
+        self,
+        activations: Float[Tensor, "row snapshot d_model"],
+        steps: Sequence[int] | None = None,
+        eval_fraction: float = 0.1,
+        *,
+        _norm_factors: np.ndarray | None = None,
+    ):
+        if not isinstance(activations, Tensor) or activations.ndim != 3:
+            shape = tuple(activations.shape) if isinstance(activations, Tensor) else type(activations).__name__
+            raise ParameterError(f"activations={shape} is not allowed: a tensor of shape [row, snapshot, d_model]")
+        require(activations.shape[0] >= 1 and activations.shape[1] >= 1 and activations.shape[2] >= 1,
+                "activations", tuple(activations.shape), "a non-empty [row, snapshot, d_model] tensor")
+        require(activations.is_floating_point(), "activations.dtype", activations.dtype, "a floating-point dtype")
+        require_fraction("eval_fraction", eval_fraction, open_interval=False)
+        require(eval_fraction < 1, "eval_fraction", eval_fraction, "a number in [0, 1)")
+        n_rows, n_snapshots, d_model = activations.shape
+        steps = list(range(n_snapshots)) if steps is None else [int(s) for s in steps]
+        require(len(steps) == n_snapshots, "steps", steps, f"one step per snapshot ({n_snapshots} of them)")
+        require(len(set(steps)) == len(steps), "steps", steps, "distinct steps")
+        self._data = activations.detach().cpu()
+        self.steps: list[int] = steps
+        self.n_snapshots: int = n_snapshots
+        self.d_model: int = d_model
+        self.eval_fraction = float(eval_fraction)
+        self.n_tokens: int = n_rows
+        self.n_eval: int = int(math.ceil(n_rows * eval_fraction)) if eval_fraction > 0 else 0
+        self.n_train: int = n_rows - self.n_eval
+        if self.n_train < 1:
+            raise ParameterError(f"eval_fraction={eval_fraction} leaves no training rows out of {n_rows}")
+        if _norm_factors is None:
+            mean_norms = self._data.double().norm(dim=-1).mean(dim=0).numpy()
+            if not np.all(np.isfinite(mean_norms)) or np.any(mean_norms <= 0):
+                bad = [s for s, m in zip(steps, mean_norms) if not (np.isfinite(m) and m > 0)]
+                raise ParameterError(f"activations at steps {bad} have a zero or non-finite mean norm: cannot normalise them")
+            _norm_factors = math.sqrt(d_model) / mean_norms
+        self.norm_factors: np.ndarray = np.asarray(_norm_factors, dtype=np.float64)
+        self.mean_norms: np.ndarray = math.sqrt(d_model) / self.norm_factors
+        self._fingerprint: str | None = None
+        self._normalised: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"TensorSource(rows={self.n_tokens}, steps={self.steps}, d_model={self.d_model})"
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the rows, steps and split (computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(f"TensorSource|{self.steps}|{self.n_eval}|{tuple(self._data.shape)}|{self._data.dtype}".encode())
+            digest.update(self._data.contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:32]
+        return self._fingerprint
+
+    def _split_range(self, split: str) -> range:
+        require_choice("split", split, SPLITS)
+        return {"train": range(0, self.n_train), "eval": range(self.n_train, self.n_tokens),
+                "all": range(self.n_tokens)}[split]
+
+    def _finish(self, block: Tensor, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
+        block = block.float()
+        if normalise:
+            block = block * torch.as_tensor(self.norm_factors, dtype=torch.float32)[:, None]
+        return block.to(device=device, dtype=dtype)
+
+    def _normalised_data(self) -> Tensor:
+        """The rows scaled once (fp32), so a normalised batch is a single gather."""
+        if self._normalised is None:
+            self._normalised = self._finish(self._data, True, "cpu", torch.float32)
+        return self._normalised
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_batch: int = 0,
+        split: str = "train",
+        normalise: bool = True,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Float[Tensor, "batch snapshot d_model"]]:
+        require(isinstance(batch_size, int) and batch_size > 0, "batch_size", batch_size, "a positive integer")
+        require(isinstance(start_batch, int) and start_batch >= 0, "start_batch", start_batch, "an integer >= 0")
+        require(isinstance(seed, int) and seed >= 0, "seed", seed, "an integer >= 0")
+        rows = self._split_range(split)
+        if len(rows) == 0:
+            raise ParameterError(f"split={split!r} has no rows in this source (eval_fraction=0); use split='train'")
+        return self._batches(rows, batch_size, seed, start_batch, normalise, device, dtype)
+
+    def _batches(self, rows: range, batch_size: int, seed: int, start_batch: int, normalise, device, dtype):
+        n = len(rows)
+        epoch_cache: dict[int, Tensor] = {}
+
+        def permutation(epoch: int) -> Tensor:
+            if epoch not in epoch_cache:
+                epoch_cache.clear()  # keep at most two epochs' orders around
+                g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + epoch * 0xC2B2AE3D27D4EB4F + 1) % 2**63)
+                epoch_cache[epoch] = torch.randperm(n, generator=g) + rows.start
+            return epoch_cache[epoch]
+
+        k = start_batch
+        while True:
+            first, last = k * batch_size, (k + 1) * batch_size
+            parts = []
+            position = first
+            while position < last:
+                epoch, offset = divmod(position, n)
+                take = min(n - offset, last - position)
+                parts.append(permutation(epoch)[offset: offset + take])
+                position += take
+            index = parts[0] if len(parts) == 1 else torch.cat(parts)
+            if normalise:
+                yield self._normalised_data()[index].to(device=device, dtype=dtype)
+            else:
+                yield self._finish(self._data[index], False, device, dtype)
+            k += 1
+
+    def rows(
+        self,
+        split: str = "eval",
+        *,
+        limit: int | None = None,
+        start: int = 0,
+        normalise: bool = True,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Float[Tensor, "row snapshot d_model"]:
+        rows = self._split_range(split)
+        require(limit is None or (isinstance(limit, int) and limit >= 0), "limit", limit, "None or an integer >= 0")
+        require(isinstance(start, int) and 0 <= start <= len(rows), "start", start, f"an integer in 0..{len(rows)}")
+        a = rows.start + start
+        b = rows.stop if limit is None else min(rows.stop, a + limit)
+        return self._finish(self._data[a:b], normalise, device, dtype)
+
+    def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "TensorSource":
+        if (steps is None) == (indices is None):
+            raise ParameterError("select needs exactly one of steps=[...] or indices=[...]")
+        if steps is not None:
+            wanted = [steps] if isinstance(steps, int) else list(steps)
+            unknown = [s for s in wanted if s not in self.steps]
+            if unknown or not wanted:
+                raise ParameterError(f"steps={steps!r} is not allowed: choose among this source's steps {self.steps}")
+            positions = [self.steps.index(s) for s in wanted]
+        else:
+            positions = [indices] if isinstance(indices, int) else list(indices)
+            if not positions or any(not isinstance(i, int) or not -self.n_snapshots <= i < self.n_snapshots
+                                    for i in positions):
+                raise ParameterError(f"indices={indices!r} is not allowed: use indices in 0..{self.n_snapshots - 1}")
+            positions = [i % self.n_snapshots for i in positions]
+        view = TensorSource.__new__(TensorSource)
+        view.__dict__.update(self.__dict__)
+        view._data = self._data[:, positions]
+        view.steps = [self.steps[i] for i in positions]
+        view.n_snapshots = len(positions)
+        view.norm_factors = self.norm_factors[positions]
+        view.mean_norms = self.mean_norms[positions]
+        view._fingerprint = None
+        view._normalised = None
+        return view
+
+
+def planted_features(
+    n_rows: int = 20_000,
+    n_snapshots: int = 4,
+    d_model: int = 32,
+    n_shared: int = 12,
+    n_partial: int = 12,
+    *,
+    density: float = 0.05,
+    noise: float = 0.01,
+    rotate: float = 0.0,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+) -> tuple[TensorSource, dict[str, Tensor]]:
+    """Synthetic activations with known sparse features, for testing dictionary learning.
+
+    `n_shared` features are present in every snapshot, `n_partial` in a random contiguous run of
+    1..S−1 snapshots (like features that form or fade during training). Feature i fires on a row
+    with probability `density` with an exponential magnitude, the same magnitude at every snapshot
+    where it is present; x^θ = Σ_i a_i · present[i, θ] · u_i^θ + noise. `rotate` > 0 tilts each
+    feature's direction from snapshot to snapshot (cosine between neighbours ≈ 1 − rotate²/2).
+
+    Returns the source and the truth: directions [feature, snapshot, d_model] (unit vectors),
+    present [feature, snapshot] (bool).
+    """
+    require(n_snapshots >= 2 or n_partial == 0, "n_partial", n_partial, "0 when n_snapshots = 1")
+    g = torch.Generator().manual_seed(seed)
+    n_features = n_shared + n_partial
+    present = torch.ones(n_features, n_snapshots, dtype=torch.bool)
+    for i in range(n_shared, n_features):
+        length = int(torch.randint(1, n_snapshots, (1,), generator=g))
+        first = int(torch.randint(0, n_snapshots - length + 1, (1,), generator=g))
+        present[i] = False
+        present[i, first:first + length] = True
+    base = torch.randn(n_features, d_model, generator=g)
+    directions = [base]
+    for _ in range(1, n_snapshots):
+        directions.append(directions[-1] + rotate * torch.randn(n_features, d_model, generator=g) * base.norm(dim=-1, keepdim=True) / math.sqrt(d_model))
+    directions = torch.stack(directions, dim=1)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    fires = torch.rand(n_rows, n_features, generator=g) < density
+    magnitude = -torch.log(torch.rand(n_rows, n_features, generator=g).clamp_min(1e-12)) + 0.5
+    a = torch.where(fires, magnitude, 0.0)
+    x = torch.einsum("rf,fs,fsd->rsd", a, present.float(), directions)
+    x = x + noise * torch.randn(x.shape, generator=g)
+    source = TensorSource(x, eval_fraction=eval_fraction)
+    return source, {"directions": directions, "present": present}

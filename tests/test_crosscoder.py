@@ -1,0 +1,268 @@
+"""The crosscoder module: configs, the JumpReLU straight-through estimator, the fused kernel, invariances,
+per-snapshot SAEs and save/load. Tiny shapes; runs in a few seconds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from crosslib.artifacts import ArtifactError
+from crosslib.config import ParameterError
+from crosslib.crosscoder import (Crosscoder, CrosscoderConfig, JumpReLU, JumpReLUTanh, WEIGHTS_FILE, CONFIG_FILE)
+
+
+def _model(S=3, d=8, F=16, seed=1, **kw) -> Crosscoder:
+    """A model with varied decoder norms, thresholds and biases, so gates open and close."""
+    cfg = CrosscoderConfig(n_snapshots=S, d_model=d, dict_size=F, decoder_init_norm=0.5, **kw)
+    m = Crosscoder(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        m.W_D.mul_(torch.rand(S, F, 1, generator=g) * 2)
+        m.log_threshold.copy_(torch.rand(m.log_threshold.shape, generator=g) * 3 - 2.5)
+        m.b_E.copy_(torch.randn(m.b_E.shape, generator=g) * 0.3)
+        m.b_D.copy_(torch.randn(m.b_D.shape, generator=g) * 0.3)
+    return m
+
+
+# ----------------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("field, value, names", [
+    ("activation", "gelu", ["activation", "jumprelu", "relu", "topk"]),
+    ("sparsity", "l2", ["sparsity", "tanh-quad", "l1"]),
+    ("dict_size", 0, ["dict_size"]),
+    ("dict_size", -5, ["dict_size"]),
+    ("d_model", 2.5, ["d_model"]),
+    ("bandwidth", 0.0, ["bandwidth"]),
+    ("decoder_init_norm", "grid", ["decoder_init_norm", "search"]),
+])
+def test_bad_config_names_the_parameter(field, value, names):
+    kwargs = dict(n_snapshots=2, d_model=4, dict_size=8)
+    kwargs[field] = value
+    with pytest.raises(ParameterError) as e:
+        CrosscoderConfig(**kwargs)
+    for name in names:
+        assert name in str(e.value)
+
+
+def test_topk_k_must_fit_the_dictionary():
+    with pytest.raises(ParameterError, match="k="):
+        CrosscoderConfig(n_snapshots=1, d_model=4, dict_size=8, activation="topk", k=9)
+
+
+def test_config_round_trip_and_unknown_key():
+    cfg = CrosscoderConfig(n_snapshots=2, d_model=4, dict_size=8, activation="relu", sparsity="l1")
+    assert CrosscoderConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ParameterError, match="dict_sz"):
+        CrosscoderConfig.from_dict({**cfg.to_dict(), "dict_sz": 3})
+
+
+def test_input_of_the_wrong_shape_is_refused():
+    m = _model()
+    with pytest.raises(ParameterError, match="n_snapshots=3"):
+        m(torch.randn(5, 2, 8))
+    with pytest.raises(ParameterError, match="d_model=8"):
+        m(torch.randn(5, 3, 7))
+
+
+# ----------------------------------------------------------------------------------- the gate
+
+def test_threshold_ste_gradient_matches_its_definition():
+    """∂f/∂t = −θ²/(ε‖W_D‖)·1[|z−θ| < ε/2, z > 0] with z = h‖W_D‖, θ = e^t; ∂f/∂h = H(z−θ); nothing to ‖W_D‖."""
+    g = torch.Generator().manual_seed(0)
+    G, S, F, B, eps = 1, 3, 7, 50, 1.5
+    h = (torch.randn(G, F, B, generator=g) * 2).requires_grad_()
+    norms = (torch.rand(G, S, F, generator=g) + 0.2).requires_grad_()
+    t = (torch.rand(G, F, generator=g) - 0.5).requires_grad_()
+    w = torch.randn(G, S, F, B, generator=g)  # L = Σ w·f, so ∂L/∂f = w
+    f = JumpReLU.apply(h, norms, t, eps)
+    (f * w).sum().backward()
+
+    theta = t.detach().exp()[:, None, :, None]
+    z = h.detach()[:, None] * norms.detach()[..., None]
+    window = ((z - theta).abs() < eps / 2) & (z > 0)
+    expected_t = (w * torch.where(window, -theta ** 2 / (eps * norms.detach()[..., None]), 0.0)).sum((1, 3))
+    expected_h = (w * (z > theta)).sum(1)
+    assert torch.allclose(f.detach(), torch.where(z > theta, h.detach()[:, None], 0.0))
+    assert window.any() and (~window).any()  # the test exercises both sides of the window
+    assert torch.allclose(t.grad, expected_t, atol=1e-6)
+    assert torch.allclose(h.grad, expected_h, atol=1e-6)
+    assert norms.grad is None or torch.count_nonzero(norms.grad) == 0
+
+    # the fused kernel uses the same estimator (tanh_sum's gradient set to zero)
+    h2, n2, t2 = (v.detach().clone().requires_grad_() for v in (h, norms, t))
+    f2, tanh_sum, active = JumpReLUTanh.apply(h2, torch.zeros(G, F), n2, t2, eps, 4.0, False)
+    (f2 * w).sum().backward()
+    assert torch.equal(f2, f.detach())
+    assert torch.equal(active, (z > theta).sum(3, dtype=torch.int32))
+    assert torch.allclose(t2.grad, expected_t, atol=1e-6)
+    assert torch.allclose(h2.grad, expected_h, atol=1e-6)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_fused_kernel_equals_the_written_out_math(independent):
+    """JumpReLUTanh computes JumpReLU + Σ tanh(c f‖W_D‖) exactly, with the same gradients."""
+    m = _model(independent=independent)
+    x = torch.randn(37, 3, 8, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for fused in (True, False):
+        m.fused = fused
+        m.zero_grad()
+        out = m(x, sparsity_coefficient=0.7)
+        out.loss.backward()
+        results[fused] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
+    (a, ga), (b, gb) = results[True], results[False]
+    assert torch.allclose(a.loss, b.loss, rtol=1e-6)
+    assert torch.equal(a.features, b.features) and torch.equal(a.active, b.active)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=1e-5, atol=1e-5), name
+
+
+def test_the_math_reads_like_the_equations():
+    """Check forward() against a direct loop over snapshots and features (paper's formulas)."""
+    m = _model(S=2, d=5, F=6)
+    cfg = m.config
+    x = torch.randn(9, 2, 5, generator=torch.Generator().manual_seed(4))
+    out = m(x, sparsity_coefficient=0.3)
+    with torch.no_grad():
+        h = sum(x[:, s] @ m.W_E[s] for s in range(2)) + m.b_E  # [batch, feature]
+        norms = m.W_D.norm(dim=-1)
+        theta = m.log_threshold.exp()
+        f = torch.stack([h * (h * norms[s] > theta) for s in range(2)], 1)  # [batch, snapshot, feature]
+        x_hat = torch.stack([f[:, s] @ m.W_D[s] + m.b_D[s] for s in range(2)], 1)
+        recon = ((x_hat - x) ** 2).sum((1, 2)).mean()
+        p = torch.tanh(cfg.tanh_scale * f * norms[None]).mean((0, 1))
+        penalty = (p * (1 + p / cfg.quad_scale)).sum()
+    assert torch.allclose(out.features, f, atol=1e-6)
+    assert torch.allclose(out.reconstruction, x_hat, atol=1e-5)
+    assert torch.allclose(out.reconstruction_loss, recon, rtol=1e-5)
+    assert torch.allclose(out.sparsity_loss, penalty, rtol=1e-5)
+    assert torch.allclose(out.loss, recon + 0.3 * penalty, rtol=1e-5)
+    assert torch.equal(out.active.long(), (f > 0).sum(0))
+
+
+@pytest.mark.parametrize("activation, sparsity", [("jumprelu", "tanh-quad"), ("jumprelu", "l1"),
+                                                  ("relu", "l1"), ("relu", "tanh-quad"), ("topk", "tanh-quad")])
+def test_penalty_is_invariant_to_scaling_decoder_up_and_features_down(activation, sparsity):
+    m = _model(activation=activation, sparsity=sparsity, k=5)
+    x = torch.randn(30, 3, 8, generator=torch.Generator().manual_seed(5))
+    before = m(x, sparsity_coefficient=1.0)
+    alpha = torch.rand(16, generator=torch.Generator().manual_seed(6)) * 5 + 0.2  # per feature
+    with torch.no_grad():
+        m.W_D.mul_(alpha[None, :, None])  # ‖W_D,i‖ × α_i
+        m.W_E.div_(alpha)  # h_i / α_i, so f_i / α_i
+        m.b_E.div_(alpha)
+    after = m(x, sparsity_coefficient=1.0)
+    assert torch.allclose(after.features * alpha, before.features, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(after.reconstruction, before.reconstruction, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(after.sparsity_loss, before.sparsity_loss, rtol=1e-4)
+    assert torch.allclose(after.loss, before.loss, rtol=1e-4)
+
+
+def test_relu_l1_is_anthropics_penalty_and_topk_keeps_k():
+    m = _model(activation="relu", sparsity="l1")
+    x = torch.randn(20, 3, 8)
+    out = m(x)
+    f = out.features[:, 0]  # the same in every snapshot
+    assert torch.equal(out.features[:, 1], f)
+    expected = (f * m.W_D.norm(dim=-1).sum(0)).sum(1).mean()  # mean_batch Σ_i f_i Σ_θ ‖W_D,i^θ‖
+    assert torch.allclose(out.sparsity_loss, expected, rtol=1e-5)
+    top = _model(activation="topk", k=3)
+    assert int((top.encode(x)[:, 0] > 0).sum(1).max()) <= 3
+
+
+def test_decoder_norm_zero_switches_a_feature_off_at_that_snapshot():
+    m = _model()
+    with torch.no_grad():
+        m.W_D[1, 4] = 0
+        m.W_D[0, 4] = 1.0 / math.sqrt(8)  # unit norm
+        m.W_E[:, :, 4] = 0
+        m.b_E[4] = 5.0  # h = 5 on every row: fires wherever ‖W_D‖ > 0
+        m.log_threshold[4] = 0.0
+    f = m.encode(torch.randn(10, 3, 8))
+    assert (f[:, 1, 4] == 0).all() and (f[:, 0, 4] > 0).all()
+
+
+def test_initialisation_follows_the_paper():
+    m = Crosscoder(CrosscoderConfig(n_snapshots=3, d_model=8, dict_size=16, decoder_init_norm=0.2), seed=0)
+    assert torch.allclose(m.W_D[0], m.W_D[2])  # one direction per feature, shared by all snapshots
+    assert torch.allclose(m.decoder_norms(), torch.full((3, 16), 0.2))
+    assert torch.equal(m.W_E, m.W_D.transpose(1, 2))
+    assert not m.b_E.any() and not m.b_D.any()
+    assert torch.allclose(m.log_threshold.exp(), torch.full((16,), 0.1))
+    assert torch.equal(Crosscoder(m.config, seed=0).W_D, m.W_D)  # deterministic for a seed
+
+
+# ----------------------------------------------------------------------------------- SAEs
+
+def test_independent_saes_are_standalone_saes():
+    m = _model(independent=True)
+    x = torch.randn(25, 3, 8, generator=torch.Generator().manual_seed(7))
+    out = m(x, sparsity_coefficient=0.5)
+    total = 0.0
+    for s in range(3):
+        sae = m.sae(s)
+        assert sae.config.n_snapshots == 1 and not sae.config.independent
+        o = sae(x[:, s:s + 1], sparsity_coefficient=0.5)
+        assert torch.allclose(o.features[:, 0], out.features[:, s], atol=1e-6)
+        assert torch.allclose(o.reconstruction[:, 0], out.reconstruction[:, s], atol=1e-5)
+        total = total + o.loss
+    assert torch.allclose(out.loss, total, rtol=1e-5)  # the stacked loss is the sum of the SAE losses
+    restacked = Crosscoder.stack([m.sae(s) for s in range(3)])
+    assert all(torch.equal(a, b) for a, b in zip(restacked.state_dict().values(), m.state_dict().values()))
+
+
+def test_a_crosscoder_is_not_a_set_of_saes():
+    with pytest.raises(ParameterError, match="independent"):
+        _model().sae(0)
+
+
+# ----------------------------------------------------------------------------------- save / load
+
+def test_save_load_round_trip_and_corruption(tmp_path):
+    m = _model(independent=True, activation="jumprelu")
+    m.save(tmp_path / "m")
+    back = Crosscoder.load(tmp_path / "m")
+    assert back.config == m.config
+    for (n, a), b in zip(m.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), n
+    x = torch.randn(4, 3, 8)
+    assert torch.equal(back(x).loss, m(x).loss)
+
+    weights = tmp_path / "m" / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        Crosscoder.load(tmp_path / "m")
+    weights.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        Crosscoder.load(tmp_path / "m")
+    with pytest.raises(ArtifactError, match="missing"):
+        Crosscoder.load(tmp_path / "nothing")
+
+
+def test_load_refuses_a_config_that_does_not_match_the_weights(tmp_path):
+    import json
+
+    m = _model()
+    m.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
+    meta["config"]["dict_size"] = 17
+    meta["sha256"] = None
+    (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="shape"):
+        Crosscoder.load(tmp_path / "m")
+
+
+def test_log_threshold_init_and_bf16_autocast_forward():
+    m = _model()
+    x = torch.randn(16, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.features.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert math.isfinite(float(out.loss.detach()))
+    ref = m(x)
+    r16, r32 = float(out.reconstruction_loss.detach()), float(ref.reconstruction_loss.detach())
+    assert abs(r16 - r32) < 0.05 * r32
