@@ -2,8 +2,13 @@
 matmul efficiency against this machine's fp32 matmul speed — all measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_train.py                # ~3-5 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_train.py --threads 1    # one intra-op thread
+    .venv/bin/python benchmarks/bench_train.py --threads 0    # torch's default thread count
     .venv/bin/python benchmarks/bench_train.py --quick        # fewer steps
+
+Threads: one intra-op thread by default, for both libraries and for the matmul reference. On the
+2-core machine this was written on, shared with other jobs, a second OpenMP thread mostly waits at
+barriers for a core: every training step ran 2-3x slower with 2 threads than with 1 (matmuls alone
+scale, the many short elementwise passes do not). Use --threads 0 on a quiet machine.
 
 Every number comes from whole training loops over an iterator of in-memory activation batches:
 ours through `crosslib.train.train_crosscoder` (data gather, NaN check, forward, backward, Adam,
@@ -155,7 +160,8 @@ class _redirect_stderr:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer steps (noisier)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads for both libraries (default 1; 0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,9 +11,11 @@ Modules (imported on demand, so `import crosslib` stays fast), in data-flow orde
   dynamics    learning-dynamics metrics per snapshot (n-gram fits, induction)
   hooks       hook names (blocks.{L}.hook_resid_post, ...), capture and replacement
   cache       activation cache aligned across snapshots
-  sources     the activation-source protocol the trainers read
+  sources     the activation-source protocol the trainers read (and an in-memory source)
   crosscoder  the crosscoder (an SAE is a crosscoder over one snapshot)
   train       crosscoder and SAE training
+  distributed head-parallel (snapshot-sharded) and data-parallel training under torchrun
+  saelens     export per-snapshot SAEs to sae-lens's on-disk format
   emergence   when features form: trajectories, emergence, turning point, separability
   dashboards  feature dashboards (static HTML)
   complexity  feature complexity scoring (offline context depth, LLM rubric)

@@ -36,11 +36,21 @@ One implementation serves three uses:
     `model.sae(θ)` extracts snapshot θ's SAE as a standalone S = 1 Crosscoder.
 
 Internally a "dictionary" axis of size G (1, or S when independent) groups the snapshots that share
-a dictionary; feature activations are kept batch-last [snapshot, feature, batch] so each
-snapshot's decoder is one matmul of a batched matmul and per-feature sums run along contiguous memory. With `fused=True` (the default) the JumpReLU
-gate and the tanh penalty are computed by one hand-derived autograd function (`JumpReLUTanh`) that
-keeps the big [snapshot, batch, feature] intermediates out of memory; it computes the same function
-and gradients as `JumpReLU` + the penalty written out (tests/test_crosscoder.py checks both).
+a dictionary, and activations are kept batch-last (h [dictionary, feature, batch], f [snapshot,
+feature, batch]): each snapshot's decoder is one slice of a batched matmul and every per-feature sum
+runs along contiguous memory. With `fused=True` (the default) the JumpReLU gate, the encoder bias and
+the tanh penalty's sum are one hand-derived autograd function (`JumpReLUTanh`) that recomputes the
+gate in the backward pass instead of storing [snapshot, feature, batch] intermediates; it computes
+the same function and gradients as `JumpReLU` + the penalty written out (tests/test_crosscoder.py
+checks both against each other and against a loop over the equations). With `compiled=True`
+torch.compile fuses each of its passes into one loop (falling back to eager if compilation fails).
+
+A note on the penalties, from tests/test_train.py's planted-feature data (d = 32, 24 rare features,
+800 steps): with `sparsity="l1"` the crosscoder recovers every planted feature and zeroes its
+decoder where the feature is absent; with tanh-quad it settles in a dense code (L0 ≈ 3 per token
+against 0.2 planted, no feature recovered), since tanh saturates and leaves large activations without
+a sparsity gradient. The paper's tanh-quad stays the default; use l1 when a short run must find
+the sparsest code.
 """
 
 from __future__ import annotations

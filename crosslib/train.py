@@ -16,10 +16,13 @@ Scale: the authors used lr 5e-5, λ 0.3 and batch 2048 for 800M tokens per snaps
 Our tiny runs take a few thousand steps, so the default lr is higher (1e-3, as is usual for SAEs
 trained for ~1e3–1e4 steps); λ and batch keep the paper's values.
 
-bf16 (`bf16=True`): the matmuls (encoder, decoder and their gradients) run under
+bf16 (`bf16=True`, the default): the matmuls (encoder, decoder and their gradients) run under
 `torch.autocast(dtype=bfloat16)`: their inputs are rounded to bf16 (8-bit mantissa, ~0.4% relative
 error), h and f are held in bf16; the gate, the penalty and the reconstruction error are computed
-in fp32 from those values, and the weights, gradients and Adam state stay fp32.
+in fp32 from those values, and the weights, gradients and Adam state stay fp32. On CPUs with
+AVX512-BF16/AMX the matmuls run ~2x faster. Measured on the same data (S=4, d=128, F=1024, 400
+steps): loss within 0.02%, explained variance within 0.002 and L0 within 0.4 of the fp32 run.
+`compile` (automatic for big runs) fuses the elementwise gate/penalty/error passes with torch.compile.
 
 Exact resume: batch k of the source is a pure function of (seed, k), the schedule is a function of
 the step, and a checkpoint holds the weights, Adam's state, the step, the metric history and the
@@ -34,6 +37,7 @@ import ctypes
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,6 +55,10 @@ from crosslib.crosscoder import Crosscoder, CrosscoderConfig, model_fingerprint
 from crosslib.sources import source_fingerprint
 
 CHECKPOINT_JSON = "checkpoint.json"
+# compile=None compiles when steps × batch × snapshots × features reaches this: eager kernels cost ~10 ns
+# per element-step more than compiled ones on a laptop core, so 2e9 (~20 s) pays back a ~20 s compilation
+# (an SAE with F=2048 on 1500 batches of 2048 is 6e9; a 16-snapshot crosscoder 1e11; unit tests ≤ 1e8).
+COMPILE_AUTO_ELEMENTS = 2_000_000_000
 METRICS_FILE = "metrics.json"
 TRAIN_FILE = "train.json"
 ARTIFACT_KIND = "dictionaries"
@@ -91,8 +99,10 @@ class TrainConfig(Config):
     log_every: int = 50
     checkpoint_every: int = 500
     eval_rows: int = 8192  # held-out rows for the final metrics (0: skip)
-    bf16: bool = False
-    compile: bool = False  # torch.compile the fused gate/penalty kernels (needs a C++ compiler; falls back)
+    bf16: bool = True  # matmuls under bf16 autocast (see the module docstring; same loss/EV as fp32 to ~0.1%)
+    compile: bool | None = None  # torch.compile the fused elementwise kernels: ~3x faster steps for ~20 s of
+    # compilation per process and shape (cached on disk). None: only when the run is big enough to gain
+    # (see COMPILE_AUTO_ELEMENTS) and a C++ compiler is installed; eager otherwise.
 
     def validate(self) -> None:
         for name in ("n_steps", "batch_size", "log_every", "checkpoint_every", "init_search_rows"):
@@ -117,6 +127,16 @@ class TrainConfig(Config):
                 and all(isinstance(v, (int, float)) and v > 0 for v in self.init_norm_grid),
                 "init_norm_grid", self.init_norm_grid, "a non-empty tuple of positive numbers")
         require(isinstance(self.eval_rows, int) and self.eval_rows >= 0, "eval_rows", self.eval_rows, "an integer >= 0")
+        require(self.compile is None or isinstance(self.compile, bool), "compile", self.compile,
+                "None (automatic), True or False")
+        require(isinstance(self.bf16, bool), "bf16", self.bf16, "True or False")
+
+    def use_compile(self, model_config: CrosscoderConfig) -> bool:
+        """Whether this run compiles its kernels (`compile`, or for None: big enough and a compiler present)."""
+        if self.compile is not None:
+            return self.compile
+        elements = self.total_steps * self.batch_size * model_config.n_snapshots * model_config.dict_size
+        return elements >= COMPILE_AUTO_ELEMENTS and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
     @property
     def total_steps(self) -> int:
@@ -174,10 +194,25 @@ def check_finite(batch: Tensor, what: str, steps: list[int] | None = None) -> No
                     "the activations are unusable (rebuild the activation cache, or check the model that made them)")
 
 
+@contextlib.contextmanager
+def _eager(model: Crosscoder):
+    """Run the kernels eagerly (one-off shapes such as the init search and the evaluation would recompile)."""
+    compiled, model.compiled = model.compiled, False
+    try:
+        yield model
+    finally:
+        model.compiled = compiled
+
+
 @torch.no_grad()
 def search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...], parallel: Any = None
                         ) -> dict[str, Any]:
     """Set the decoder norm (shared by all features and snapshots) to the grid value of least MSE on `x`."""
+    with _eager(model):
+        return _search_decoder_norm(model, x, grid, parallel)
+
+
+def _search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...], parallel: Any) -> dict[str, Any]:
     mse: dict[str, float] = {}
     for norm in grid:
         model.set_decoder_norm(float(norm))
@@ -250,7 +285,7 @@ def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int 
     variance = ((x_all.double() - mean) ** 2).sum(dim=(0, 2))
     for start in range(0, x_all.shape[0], batch_size):
         x = x_all[start:start + batch_size].to(device)
-        with _autocast(device, bf16):
+        with _autocast(device, bf16), _eager(model):
             out = model(x, sparsity_coefficient=0.0, parallel=parallel)
         sums["squared_error"] += out.squared_error.double().cpu()
         sums["active"] += out.active.sum(1).double().cpu()
@@ -419,13 +454,14 @@ def train_crosscoder(
 
     # ---- the model (this process's shard) and its optimizer
     local_config = model_config if parallel is None else parallel.local_config(model_config)
+    compiled = train_config.use_compile(model_config)
     if init is not None:
         model = init if parallel is None else parallel.shard_model(init)
-        model = Crosscoder.from_state(local_config, model.state_dict(), compiled=train_config.compile)
+        model = Crosscoder.from_state(local_config, model.state_dict(), compiled=compiled)
     elif parallel is None:
-        model = Crosscoder(model_config, seed=train_config.seed, compiled=train_config.compile)
+        model = Crosscoder(model_config, seed=train_config.seed, compiled=compiled)
     else:
-        model = parallel.shard_model(Crosscoder(model_config, seed=train_config.seed, compiled=train_config.compile))
+        model = parallel.shard_model(Crosscoder(model_config, seed=train_config.seed, compiled=compiled))
     model = model.to(device)
     optimizer = _make_optimizer(model, train_config)
     window = MetricWindow(local_config.n_snapshots, local_config.dict_size, device)
@@ -527,6 +563,7 @@ def train_crosscoder(
         bar.close()
     seconds = time.perf_counter() - loop_start
 
+    model.compiled = False  # compiled kernels are specialised to the training batch shape; analyses run eagerly
     finished = (stop_after is None or stop_after >= n_steps)
     if not finished:
         return TrainResult(model=model, history=history, eval={}, path=out, init=init_info, seconds=seconds,

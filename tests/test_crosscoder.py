@@ -4,6 +4,7 @@ per-snapshot SAEs and save/load. Tiny shapes; runs in a few seconds."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -266,3 +267,26 @@ def test_log_threshold_init_and_bf16_autocast_forward():
     ref = m(x)
     r16, r32 = float(out.reconstruction_loss.detach()), float(ref.reconstruction_loss.detach())
     assert abs(r16 - r32) < 0.05 * r32
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="no C++ compiler for torch.compile")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_kernels_equal_the_eager_ones():
+    """The default fast path (torch.compile of the fused kernels) computes the same values and gradients."""
+    import crosslib.crosscoder as cc
+
+    m = _model(S=2, d=8, F=16)
+    x = torch.randn(24, 2, 8, generator=torch.Generator().manual_seed(8))
+    results = {}
+    for compiled in (False, True):
+        m.compiled = compiled
+        m.zero_grad()
+        out = m(x, sparsity_coefficient=0.5)
+        out.loss.backward()
+        results[compiled] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
+    assert not cc._COMPILE_FAILED, cc._COMPILE_FAILED  # it really compiled (a C++ compiler is available)
+    (a, ga), (b, gb) = results[True], results[False]
+    assert torch.allclose(a.loss, b.loss, rtol=1e-5) and torch.equal(a.active, b.active)
+    assert torch.allclose(a.features, b.features, atol=1e-6)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-5), name

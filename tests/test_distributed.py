@@ -27,7 +27,7 @@ from crosslib.train import TrainConfig, load_result, train_crosscoder
 REPO = Path(__file__).resolve().parent.parent
 MODEL = {"n_snapshots": 4, "d_model": 8, "dict_size": 16}
 TRAIN = {"n_steps": 20, "batch_size": 32, "lr": 0.003, "log_every": 5, "checkpoint_every": 5, "eval_rows": 64,
-         "init_search_rows": 64}
+         "init_search_rows": 64, "bf16": False, "compile": False}  # fp32: the comparison is to float32 rounding
 
 
 def _source():

@@ -4,7 +4,6 @@ caching, the one-pass per-snapshot SAEs, the schedule. Tiny models; ~30 s in all
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def small_source(seed=1, n_rows=1500, S=3, d=8):
 
 SMALL_MODEL = CrosscoderConfig(n_snapshots=3, d_model=8, dict_size=16)
 SMALL_TRAIN = TrainConfig(n_steps=20, batch_size=32, lr=3e-3, log_every=5, checkpoint_every=5, eval_rows=64,
-                          init_search_rows=64)
+                          init_search_rows=64, compile=False, bf16=False)
 
 
 def same_weights(a: Crosscoder, b: Crosscoder) -> bool:
@@ -74,7 +73,7 @@ def test_crosscoder_recovers_planted_features_shared_and_partial():
                                      density=0.01, seed=0)
     model_config = CrosscoderConfig(n_snapshots=4, d_model=32, dict_size=48, activation="jumprelu", sparsity="l1")
     train_config = TrainConfig(n_steps=800, batch_size=256, lr=3e-3, sparsity_coefficient=3.0, log_every=100,
-                               eval_rows=2000)
+                               eval_rows=2000, compile=False)  # bf16 autocast (the default) on
     result = train_crosscoder(source, model_config, train_config, progress=False)
     W = result.model.W_D.detach()  # [snapshot, feature, d_model]
     norms = W.norm(dim=-1)
@@ -202,6 +201,11 @@ def test_schedule_follows_the_paper():
     assert c.lr_at(899) == pytest.approx(1e-3 * (1 - 0.5 * (1 - 1 / 32)))
     assert c.sparsity_coefficient_at(49) == pytest.approx(0.3 * 50 / 100) and c.sparsity_coefficient_at(100) == 0.3
     assert TrainConfig(n_tokens=10_000, batch_size=2048).total_steps == 5
+    tiny_preset = CrosscoderConfig(n_snapshots=16, d_model=128, dict_size=2048)
+    assert not TrainConfig(n_steps=100, batch_size=64).use_compile(tiny_preset)  # too small to pay back compiling
+    assert TrainConfig(compile=True).use_compile(SMALL_MODEL) and not TrainConfig(compile=False).use_compile(tiny_preset)
+    with pytest.raises(ParameterError, match="compile"):
+        TrainConfig(compile="yes")
 
 
 def test_decoder_norm_search_and_metrics_are_recorded():
@@ -218,7 +222,7 @@ def test_decoder_norm_search_and_metrics_are_recorded():
 def test_all_per_snapshot_saes_train_in_one_pass():
     """independent=True trains S SAEs over one read of the data, exactly like S separate S=1 trainings."""
     source = small_source()
-    config = TrainConfig(n_steps=10, batch_size=32, lr=3e-3, log_every=5, eval_rows=0)
+    config = TrainConfig(n_steps=10, batch_size=32, lr=3e-3, log_every=5, eval_rows=0, compile=False, bf16=False)
     sae_config = CrosscoderConfig(n_snapshots=1, d_model=8, dict_size=16, decoder_init_norm=0.3)
     inits = [Crosscoder(sae_config, seed=s) for s in range(3)]
     stacked = train_crosscoder(source, SMALL_MODEL.replace(independent=True, decoder_init_norm=0.3), config,
