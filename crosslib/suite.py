@@ -62,8 +62,8 @@ class SuiteConfig(Config):
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    # Share of training sequences whose second half repeats their first half. Plain Brown text
-    # does not grow an induction head within a laptop budget; this mix does (see chapter 1).
+    # Share of training sequences in which a random span is repeated at a random later place.
+    # Plain Brown text does not grow an induction head within a laptop budget (see chapter 1).
     repeat_fraction: float = 0.25
     # Checkpoints: 0, 1, 2, 4, ..., 512, then every `linear_every` steps (Pythia's schedule).
     linear_every: int = 250
@@ -127,16 +127,24 @@ def lr_at(step: int, config: SuiteConfig) -> float:
 def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig) -> torch.Tensor:
     """The batch of training step `step`: a pure function of (seed, step), so resuming is exact.
 
-    Random windows of the training stream; a `repeat_fraction` share of them repeat their first
-    half in their second half.
+    Random windows of the training stream. In a `repeat_fraction` share of them a random span
+    (between 1/8 and 1/2 of the window) is copied to a random later place. The distance varies,
+    so predicting the copy needs its content (an induction head), not a fixed offset: with the
+    copy always at half the window, our first suite learnt to copy from exactly that distance
+    and nothing else.
     """
     rng = np.random.default_rng([config.seed, step])
-    ctx = config.context_length
-    starts = rng.integers(0, len(tokens) - ctx, size=config.batch_size)
+    ctx, n = config.context_length, config.batch_size
+    starts = rng.integers(0, len(tokens) - ctx, size=n)
     batch = np.stack([tokens[s : s + ctx] for s in starts]).astype(np.int64)
-    repeated = rng.random(config.batch_size) < config.repeat_fraction
-    half = ctx // 2
-    batch[repeated, half:] = batch[repeated, :half]
+    repeated = rng.random(n) < config.repeat_fraction
+    # Draw every row's span and places (used or not) so the random stream does not depend on which rows repeat.
+    lengths = rng.integers(max(1, ctx // 8), ctx // 2 + 1, size=n)
+    source = (rng.random(n) * (ctx - 2 * lengths + 1)).astype(np.int64)
+    target = source + lengths + (rng.random(n) * (ctx - source - 2 * lengths + 1)).astype(np.int64)
+    for row in np.flatnonzero(repeated):
+        length, a, b = lengths[row], source[row], target[row]
+        batch[row, b : b + length] = batch[row, a : a + length]
     return torch.from_numpy(batch)
 
 

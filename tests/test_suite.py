@@ -106,7 +106,14 @@ def test_training_batches_are_a_function_of_step(text_corpus):
     tokens = np.arange(1000, dtype=np.uint16)
     a, b = training_batch(tokens, 5, config), training_batch(tokens, 5, config)
     assert torch.equal(a, b) and not torch.equal(a, training_batch(tokens, 6, config))
-    assert torch.equal(a[:, 8:], a[:, :8])  # every sequence repeats its first half
+    # The stream counts up, so within a window a token appears twice only where a span was copied.
+    distances = set()
+    for step in range(10):
+        for row in training_batch(tokens, step, config).tolist():
+            copies = [j - i for i in range(len(row)) for j in range(i + 1, len(row)) if row[i] == row[j]]
+            assert len(copies) >= 2 and len(set(copies)) == 1  # one span of >= 2 tokens, one distance
+            distances.add(copies[0])
+    assert len(distances) > 3  # the copy distance varies: no fixed-offset shortcut
     assert lr_at(0, config) == pytest.approx(config.lr / 2)
     assert lr_at(config.total_steps, config) == pytest.approx(config.lr * config.min_lr_ratio)
 
