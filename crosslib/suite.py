@@ -28,13 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from crosslib.artifacts import atomic_write_json, atomic_write_text, build_artifact, read_json, sha256_file
-from crosslib.config import Config, ParameterError, require, require_fraction, require_positive
+from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
 from crosslib.constants import pythia_schedule
 from crosslib.corpus import CorpusConfig, load_corpus
 from crosslib.snapshots import CHECKSUMS_FILE, is_local_suite, list_steps, step_dir
 from crosslib.tokenizer import encode_documents, train_tokenizer
 
 SUITE_FILE = "suite.json"
+REPEAT_MODES = ("random-span", "second-half")
 LOG_FILE = "training_log.jsonl"
 STATE_DIR = "train_state"
 TOKENIZER_DIR = "tokenizer"
@@ -65,6 +66,9 @@ class SuiteConfig(Config):
     # Share of training sequences in which a random span is repeated at a random later place.
     # Plain Brown text does not grow an induction head within a laptop budget (see chapter 1).
     repeat_fraction: float = 0.25
+    # "random-span": a span of 1/8 to 1/2 of the window, copied to a random later place (default);
+    # "second-half": the second half repeats the first (a fixed distance: teaches positional copying).
+    repeat_mode: str = "random-span"
     # Checkpoints: 0, 1, 2, 4, ..., 512, then every `linear_every` steps (Pythia's schedule).
     linear_every: int = 250
     checkpoint_every: int = 100  # resumable training state, independent of the snapshots
@@ -78,6 +82,7 @@ class SuiteConfig(Config):
         require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads, f"a divisor of d_model={self.d_model}")
         require(self.context_length % 2 == 0, "context_length", self.context_length, "an even number")
         require(0 <= self.repeat_fraction <= 1, "repeat_fraction", self.repeat_fraction, "a number in [0, 1]")
+        require_choice("repeat_mode", self.repeat_mode, REPEAT_MODES)
         require_fraction("rotary_pct", self.rotary_pct, open_interval=False)
         require(0 <= self.warmup_steps < self.total_steps, "warmup_steps", self.warmup_steps,
                 f"0 <= warmup_steps < total_steps={self.total_steps}")
@@ -142,6 +147,8 @@ def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig) -> torch.
     lengths = rng.integers(max(1, ctx // 8), ctx // 2 + 1, size=n)
     source = (rng.random(n) * (ctx - 2 * lengths + 1)).astype(np.int64)
     target = source + lengths + (rng.random(n) * (ctx - source - 2 * lengths + 1)).astype(np.int64)
+    if config.repeat_mode == "second-half":
+        lengths, source, target = np.full(n, ctx // 2), np.zeros(n, np.int64), np.full(n, ctx // 2)
     for row in np.flatnonzero(repeated):
         length, a, b = lengths[row], source[row], target[row]
         batch[row, b : b + length] = batch[row, a : a + length]
