@@ -50,25 +50,28 @@ def test_suite_has_schedule_and_log(micro_suite):
     assert tokenizer.decode(tokenizer("The cat sees the moon.")["input_ids"]) == "The cat sees the moon."
 
 
-def test_same_seed_same_weights(micro_suite, text_corpus, tmp_path):
-    again = train_suite(micro_suite_config(text_corpus), root=tmp_path, progress=False)
+def test_same_seed_same_weights(text_corpus, tmp_path):
+    # Both runs in this test: float results depend on torch's thread count, which other tests may change.
+    first = train_suite(micro_suite_config(text_corpus), root=tmp_path / "a", progress=False)
+    again = train_suite(micro_suite_config(text_corpus), root=tmp_path / "b", progress=False)
     for step in (0, 4, 12):
-        assert_same_weights(weights(micro_suite, step), weights(again, step))
+        assert_same_weights(weights(first, step), weights(again, step))
     other = train_suite(micro_suite_config(text_corpus, seed=1), root=tmp_path, progress=False)
     assert not torch.equal(weights(other, 12)["embed_out.weight"], weights(again, 12)["embed_out.weight"])
 
 
-def test_interrupted_run_resumes_to_same_weights(micro_suite, text_corpus, tmp_path):
+def test_interrupted_run_resumes_to_same_weights(text_corpus, tmp_path):
     config = micro_suite_config(text_corpus)
+    uninterrupted = train_suite(config, root=tmp_path / "clean", progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_suite(config, root=tmp_path, progress=False, interrupt_after=7)
     partial = next((tmp_path / "suite").glob("*.partial"))
     assert (partial / "train_state" / "state.json").is_file()
     resumed = train_suite(config, root=tmp_path, progress=False)
     assert not partial.exists()
-    for step in list_steps(micro_suite):
-        assert_same_weights(weights(micro_suite, step), weights(resumed, step))
-    assert training_log(resumed) == training_log(micro_suite)
+    for step in list_steps(uninterrupted):
+        assert_same_weights(weights(uninterrupted, step), weights(resumed, step))
+    assert training_log(resumed) == training_log(uninterrupted)
 
 
 KILL_SCRIPT = """
