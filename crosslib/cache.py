@@ -58,6 +58,7 @@ from crosslib.artifacts import (
 )
 from crosslib.config import Config, ParameterError, require, require_choice
 from crosslib.hooks import HookPoint, capture, parse_hook, validate_hook
+from crosslib.sources import row_bounds
 
 KIND = "activations"
 FORMAT = "crosslib-activations-v1"
@@ -840,11 +841,7 @@ class ActivationStore:
         dtype: torch.dtype = torch.float32,
     ) -> Float[Tensor, "row snapshot d_model"]:
         """Rows of a split in order, from its `start`-th row, at most `limit` of them."""
-        rows = self.split_rows(split)
-        require(limit is None or (isinstance(limit, int) and limit >= 0), "limit", limit, "None or an integer >= 0")
-        require(isinstance(start, int) and 0 <= start <= len(rows), "start", start, f"an integer in 0..{len(rows)}")
-        a = rows.start + start
-        b = rows.stop if limit is None else min(rows.stop, a + limit)
+        a, b = row_bounds(self.split_rows(split), start, limit)
         block = np.empty((b - a, self.n_snapshots, self.d_model), dtype=DTYPES[self.dtype][1])
         for i in range(self.n_snapshots):
             block[:, i] = self._read_range(i, a, b)

@@ -70,6 +70,14 @@ class ActivationSource(Protocol):
         ...
 
 
+def row_bounds(rows: range, start: int, limit: int | None) -> tuple[int, int]:
+    """[a, b) of the rows of a split from its `start`-th row, at most `limit` of them (checked)."""
+    require(limit is None or (isinstance(limit, int) and limit >= 0), "limit", limit, "None or an integer >= 0")
+    require(isinstance(start, int) and 0 <= start <= len(rows), "start", start, f"an integer in 0..{len(rows)}")
+    a = rows.start + start
+    return a, rows.stop if limit is None else min(rows.stop, a + limit)
+
+
 def source_fingerprint(source: Any) -> str:
     """A content identity for `source`, used to key cached dictionaries.
 
@@ -228,11 +236,7 @@ class TensorSource:
         device: Any = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> Float[Tensor, "row snapshot d_model"]:
-        rows = self._split_range(split)
-        require(limit is None or (isinstance(limit, int) and limit >= 0), "limit", limit, "None or an integer >= 0")
-        require(isinstance(start, int) and 0 <= start <= len(rows), "start", start, f"an integer in 0..{len(rows)}")
-        a = rows.start + start
-        b = rows.stop if limit is None else min(rows.stop, a + limit)
+        a, b = row_bounds(self._split_range(split), start, limit)
         return self._finish(self._data[a:b], normalise, device, dtype)
 
     def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "TensorSource":

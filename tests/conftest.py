@@ -12,6 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import numpy as np
 import pytest
+import torch
 
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the teacher", "a bird", "the children", "our neighbour"]
 VERBS = ["sees", "likes", "finds", "follows", "remembers", "paints", "calls", "helps"]
@@ -59,3 +60,13 @@ def micro_suite(tmp_path_factory, text_corpus) -> Path:
     from crosslib.suite import train_suite
 
     return train_suite(micro_suite_config(text_corpus), root=tmp_path_factory.mktemp("data"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: tiny tensors gain nothing from a second thread on a
+    busy 2-core machine, and results compared across processes need the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -82,13 +82,7 @@ def windows() -> np.ndarray:
     return np.random.default_rng(0).integers(0, VOCAB, size=(40, CONTEXT)).astype(np.int64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bytes are compared across processes: compute with the same thread count everywhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg(suite: Path, **changes) -> CacheConfig:

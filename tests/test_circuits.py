@@ -60,13 +60,7 @@ LAST_HOOK = "blocks.1.hook_resid_post"
 # ------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread avoids thread hand-offs, which dominate on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def project_sentences(seed: int = 0, n: int = 1500) -> list[str]:

@@ -30,13 +30,7 @@ CONFIG = SAETrackConfig(dict_size=24, n_steps=300, batch_size=64, lr=3e-2, spars
                         n_trajectory_features=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Kind to a shared 2-core machine, and the same arithmetic in every run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def drifting_dictionary(*, first_snapshot=None, rotate=0.25, n_rows=3000, density=0.05, seed=5, noise=0.01):
