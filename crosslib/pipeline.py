@@ -70,8 +70,8 @@ def dictionary(
     *,
     independent: bool = False,
     activation: str = "jumprelu",
-    n_steps: int = 1500,
-    batch_size: int = 2048,
+    n_steps: int = 600,  # the tiny preset's values; chapters pass their own
+    batch_size: int = 1024,
     lr: float = 1e-3,
     bf16: bool = True,
     seed: int = 0,
