@@ -20,8 +20,9 @@ followed through training without any matching step. This module builds the chai
   every snapshot and the step at which it forms.
 - `drift_to_final` / `pca_trajectories`: how each feature's decoder direction moves towards its
   final direction, and 2-D PCA paths of those directions.
-- `match_features` / `compare_formation_emergence`: the two lenses on one model, SAE-Track
-  formation steps against crosscoder emergence steps for features with the same final direction.
+- `match_features_by_activation` (or `match_features`, by decoder direction) and
+  `compare_formation_emergence`: the two lenses on one model, SAE-Track formation steps against
+  crosscoder emergence steps for features that fire on the same tokens at the final snapshot.
 - `summarise`: the numbers the chapter glues; `run_saetrack` does all of the above in one call.
 
 Why crosslib's S = 1 Crosscoder and trainer rather than sae-lens's `SAETrainer`: one implementation
@@ -86,6 +87,7 @@ from crosslib.train import (TrainConfig, TrainResult, check_finite, evaluate, se
 
 METHODS = ("warm", "cold")
 BIAS_INITS = ("mean", "zero")
+MATCH_BY = ("activation", "decoder")
 FEATURE_CHUNK = 256  # features per block in the formation score (bounds memory at [chunk, n_top, feature])
 
 
@@ -118,8 +120,9 @@ class SAETrackConfig(Config):
         formation_rows (eval rows searched and encoded), formation_fraction (share of the final
         score that counts as formed), min_final_score (features below it never count as formed).
     Drift: n_trajectory_features (features drawn in the PCA trajectories).
-    Two lenses: min_match_cosine (an SAE-Track feature and a crosscoder feature match when their
-        final decoder directions have at least this cosine).
+    Two lenses: match_by ("activation": features match by the correlation of their activations on
+        the same eval rows at the final snapshot, at least min_match_correlation; "decoder": by the
+        cosine of their final decoder directions, at least min_match_cosine).
     """
 
     dict_size: int = 512
@@ -143,6 +146,8 @@ class SAETrackConfig(Config):
     formation_fraction: float = 0.5
     min_final_score: float = 0.1
     n_trajectory_features: int = 24
+    match_by: str = "activation"
+    min_match_correlation: float = 0.5
     min_match_cosine: float = 0.7
 
     def validate(self) -> None:
@@ -171,8 +176,10 @@ class SAETrackConfig(Config):
         require_fraction("formation_fraction", self.formation_fraction)
         require(isinstance(self.min_final_score, (int, float)) and 0 <= self.min_final_score <= 1, "min_final_score",
                 self.min_final_score, "a number in [0, 1]")
-        require(isinstance(self.min_match_cosine, (int, float)) and 0 <= self.min_match_cosine <= 1,
-                "min_match_cosine", self.min_match_cosine, "a number in [0, 1]")
+        require_choice("match_by", self.match_by, MATCH_BY)
+        for name in ("min_match_cosine", "min_match_correlation"):
+            value = getattr(self, name)
+            require(isinstance(value, (int, float)) and 0 <= value <= 1, name, value, "a number in [0, 1]")
 
     # ---- the configs of the trainings this run asks for
 
@@ -724,6 +731,50 @@ def match_features(
                          "cosine": best_cosine.numpy(), "matched": (best_cosine >= min_cosine).numpy()})
 
 
+@torch.no_grad()
+def match_features_by_activation(
+    sae: SAETrackChain | Crosscoder,
+    crosscoder: Crosscoder,
+    rows: Float[Tensor, "row snapshot d_model"],
+    *,
+    min_correlation: float = 0.5,
+) -> pd.DataFrame:
+    """For every SAE-Track feature, the crosscoder feature whose final-snapshot activation correlates best with it.
+
+    `rows` are normalised rows over all the crosscoder's snapshots (the crosscoder encodes every
+    snapshot at once); the SAE (a chain's last link) reads the last snapshot. Two dictionaries
+    trained apart rarely share a decoder direction to within a tight cosine when their sparsity
+    differs, yet their features fire on the same tokens: the activation correlation asks that
+    directly. Columns as `match_features`, with the Pearson correlation in `cosine`'s place under
+    the name `score`, and `cosine` (of the decoders) kept for reference.
+    """
+    require(isinstance(min_correlation, (int, float)) and 0 <= min_correlation <= 1, "min_correlation",
+            min_correlation, "a number in [0, 1]")
+    final_sae = _saes_of(sae)[-1] if isinstance(sae, SAETrackChain) else sae
+    require(isinstance(final_sae, Crosscoder) and final_sae.config.n_snapshots == 1, "sae", type(sae).__name__,
+            "an SAETrackChain or an n_snapshots=1 Crosscoder")
+    require(isinstance(crosscoder, Crosscoder), "crosscoder", type(crosscoder).__name__, "a Crosscoder")
+    require(rows.ndim == 3 and rows.shape[1:] == (crosscoder.config.n_snapshots, crosscoder.config.d_model),
+            "rows", tuple(rows.shape),
+            f"[row, {crosscoder.config.n_snapshots}, {crosscoder.config.d_model}] (every snapshot of the crosscoder)")
+    sae_codes = final_sae.encode(rows[:, -1:].to(final_sae.W_E.device, final_sae.W_E.dtype))[:, 0].double().cpu()
+    crosscoder_codes = crosscoder.encode(rows.to(crosscoder.W_E.device, crosscoder.W_E.dtype))[:, -1].double().cpu()
+
+    def standardised(codes: Tensor) -> Tensor:
+        centred = codes - codes.mean(dim=0)
+        return centred / torch.linalg.vector_norm(centred, dim=0).clamp_min(1e-30)  # dead features → 0
+
+    correlation = einsum(standardised(sae_codes), standardised(crosscoder_codes),
+                         "row feature, row crosscoder_feature -> feature crosscoder_feature")
+    best_correlation, best = correlation.max(dim=1)
+    cosine = einsum(_unit(_final_decoder(final_sae, "sae")), _unit(_final_decoder(crosscoder, "crosscoder")),
+                    "feature d_model, crosscoder_feature d_model -> feature crosscoder_feature")
+    return pd.DataFrame({"sae_feature": np.arange(sae_codes.shape[1]), "crosscoder_feature": best.numpy(),
+                         "score": best_correlation.numpy(),
+                         "cosine": cosine.gather(1, best[:, None])[:, 0].numpy(),
+                         "matched": (best_correlation >= min_correlation).numpy()})
+
+
 def _correlation(function: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan, math.nan
@@ -756,7 +807,8 @@ def compare_formation_emergence(
     formation_steps = formation[["feature", "formation_step"]].rename(columns={"feature": "sae_feature"})
     emergence_steps = emergence[["feature", emergence_column]].rename(
         columns={"feature": "crosscoder_feature", emergence_column: "emergence_step"})
-    pairs = (matched[["sae_feature", "crosscoder_feature", "cosine"]]
+    kept = [c for c in ("sae_feature", "crosscoder_feature", "score", "cosine") if c in matched.columns]
+    pairs = (matched[kept]
              .merge(formation_steps, on="sae_feature").merge(emergence_steps, on="crosscoder_feature"))
     both_known = np.isfinite(pairs["formation_step"].astype(float)) & np.isfinite(pairs["emergence_step"].astype(float))
     pairs = pairs[both_known]
@@ -882,7 +934,11 @@ def run_saetrack(
                 "(both lenses are matched at the same final snapshot)")
         emergence = emergence_table(crosscoder.decoder_norms().detach().cpu(), crosscoder_steps,
                                     emergence_config or EmergenceConfig())
-        matches = match_features(chain, crosscoder, min_cosine=config.min_match_cosine)
+        if config.match_by == "activation":
+            rows = source.rows("eval", limit=config.formation_rows, normalise=True, device="cpu")
+            matches = match_features_by_activation(chain, crosscoder, rows, min_correlation=config.min_match_correlation)
+        else:
+            matches = match_features(chain, crosscoder, min_cosine=config.min_match_cosine)
         lens_pairs, lens = compare_formation_emergence(table, emergence, matches)
     return SAETrackResult(chain=chain, warm_cold=warm_cold, formation=formation, formation_table=table, drift=drift,
                           trajectories=trajectories, matches=matches, lens_pairs=lens_pairs, lens=lens,

@@ -16,7 +16,7 @@ from crosslib.config import ParameterError
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
 from crosslib.saetrack import (SAETrackConfig, compare_formation_emergence, drift_to_final,
                                formation_scores, formation_scores_for_rows, formation_table, formed_mask,
-                               match_features, mean_pairwise_cosine, pca_trajectories, run_saetrack, shift_biases,
+                               match_features, match_features_by_activation, mean_pairwise_cosine, pca_trajectories, run_saetrack, shift_biases,
                                summarise, train_chain, warm_cold_gap, warm_versus_cold)
 from crosslib.sources import TensorSource
 from crosslib.train import TrainConfig, train_crosscoder
@@ -376,6 +376,35 @@ def test_match_features_and_correlation():
     assert summary["lens_n_matched"] == 9 and summary["lens_spearman_r"] == pytest.approx(1.0)
 
 
+def test_match_features_by_activation_finds_the_same_feature_under_other_decoders():
+    """A crosscoder whose final-snapshot features fire exactly where a permutation of the SAE's do is
+    matched feature by feature (correlation 1) although its decoder directions are unrelated."""
+    g = torch.Generator().manual_seed(3)
+    n_features, d = 10, 8
+    encoder = torch.randn(d, n_features, generator=g)
+    permutation = torch.randperm(n_features, generator=g)
+    sae = Crosscoder(CrosscoderConfig(n_snapshots=1, d_model=d, dict_size=n_features, threshold_init=0.5))
+    crosscoder = Crosscoder(CrosscoderConfig(n_snapshots=2, d_model=d, dict_size=n_features, threshold_init=0.5))
+    with torch.no_grad():
+        sae.W_E.copy_(encoder[None])
+        crosscoder.W_E.zero_()
+        crosscoder.W_E[1].copy_(encoder[:, permutation])  # h reads only the final snapshot
+        crosscoder.W_D.copy_(torch.randn(2, n_features, d, generator=g))
+        crosscoder.W_D.div_(crosscoder.W_D.norm(dim=-1, keepdim=True))  # unit norms: the same gate as the SAE's
+        sae.W_D.div_(sae.W_D.norm(dim=-1, keepdim=True))
+    rows = torch.randn(500, 2, d, generator=g)
+    matches = match_features_by_activation(sae, crosscoder, rows, min_correlation=0.9)
+    assert matches["crosscoder_feature"].tolist() == torch.argsort(permutation).tolist()
+    np.testing.assert_allclose(matches["score"], 1.0, atol=1e-6)
+    assert matches["matched"].all() and matches["cosine"].abs().max() < 0.99  # decoders would not have matched
+    # the same rows with the SAE feature silenced on every row: no partner
+    with torch.no_grad():
+        sae.b_E[0] = -1e6
+    assert not match_features_by_activation(sae, crosscoder, rows, min_correlation=0.9)["matched"][0]
+    with pytest.raises(ParameterError, match="rows"):
+        match_features_by_activation(sae, crosscoder, rows[:, :1])
+
+
 def test_run_saetrack_end_to_end(late):
     source, directions, magnitudes, chain = late
     crosscoder = train_crosscoder(source, CrosscoderConfig(n_snapshots=5, d_model=D_MODEL, dict_size=24),
@@ -431,6 +460,8 @@ def test_chain_is_cached_link_by_link_and_resumes(tmp_path):
     ({"n_top": 1}, "n_top"),
     ({"n_random": 1}, "n_random"),
     ({"min_match_cosine": 1.5}, "min_match_cosine"),
+    ({"match_by": "name"}, "match_by"),
+    ({"min_match_correlation": -0.1}, "min_match_correlation"),
     ({"dict_size": 0}, "dict_size"),
     ({"activation": "gelu"}, "activation"),
     ({"n_steps": 2.5}, "n_steps"),
