@@ -9,7 +9,10 @@ For each snapshot we measure, on held-out text:
   KL(corpus bigram(· | previous token) ‖ model): how closely the model's predictions *are* a
   unigram or a bigram model. Each has a minimum when the model passes through that stage;
 * ``induction_score`` — loss on the first copy minus loss on the second copy of sequences of
-  random (frequent) tokens repeated twice, in nats: large only once an induction head exists.
+  random (frequent) tokens repeated twice, in nats: large only once an induction head exists;
+* ``induction_text_score`` — the same for held-out text repeated twice: whether the copying
+  carries over to natural text (the first copy is then predictable from n-grams too, so this
+  gain is smaller).
 
 The corpus n-gram models are estimated on the training split, with the bigram interpolated with
 the unigram (Dirichlet smoothing) so that unseen pairs keep probability.
@@ -41,7 +44,9 @@ class DynamicsConfig(Config):
     context_length: int | None = None  # None: the model's context, at most 128
     induction_sequences: int = 100
     induction_half_length: int | None = None  # random tokens, then the same again; None: context // 4
-    frequent_fraction: float = 0.25  # draw random tokens from the most frequent quarter of the vocabulary
+    # Random tokens are drawn from this most frequent share of the vocabulary: the 256 most frequent of
+    # the tiny suite's 4096, the pool its training mix repeats (SuiteConfig.repeat_vocab).
+    frequent_fraction: float = 0.0625
     bigram_smoothing: float = 10.0
     batch_size: int = 50
     seed: int = 0
@@ -101,7 +106,8 @@ def _kl(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor, batch_size: int) -> dict[str, float]:
+def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor, batch_size: int,
+                     text_repeats: Tensor | None = None) -> dict[str, float]:
     """The metrics above for one model on held-out `windows` and induction `repeats`."""
     unigram = torch.from_numpy(ngrams.unigram).float()
     log_unigram = unigram.log()
@@ -119,14 +125,9 @@ def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor
         total_kl_bi += _kl(bigram, bigram.log(), log_q.reshape(-1, log_q.shape[-1])).sum().item()
         n_positions += targets.numel()
     mean_probs /= n_positions
-    half = repeats.shape[1] // 2
-    token_losses = []
-    for batch in repeats.split(batch_size):
-        log_q = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
-        token_losses.append(-log_q.gather(-1, batch[:, 1:, None])[..., 0])
-    token_losses = torch.cat(token_losses)  # [sequence, position]; position p predicts token p+1
-    first_copy = token_losses[:, : half - 1].mean().item()
-    second_copy = token_losses[:, half:].mean().item()
+    first_copy, second_copy = _copy_losses(model, repeats, batch_size)
+    text_first, text_second = _copy_losses(model, text_repeats, batch_size) if text_repeats is not None else (
+        float("nan"), float("nan"))
     return {
         "loss": total_loss / n_positions,
         "unigram_kl": _kl(unigram, log_unigram, mean_probs.clamp_min(1e-12).log()).item(),
@@ -135,7 +136,20 @@ def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor
         "induction_first_copy_loss": first_copy,
         "induction_second_copy_loss": second_copy,
         "induction_score": first_copy - second_copy,
+        "induction_text_score": text_first - text_second,
     }
+
+
+def _copy_losses(model, repeats: Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean loss on the first and on the second copy of sequences [sequence, 2 × half] that repeat once."""
+    half = repeats.shape[1] // 2
+    token_losses = []
+    for batch in repeats.split(batch_size):
+        log_q = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
+        token_losses.append(-log_q.gather(-1, batch[:, 1:, None])[..., 0])
+    token_losses = torch.cat(token_losses)  # [sequence, position]; position p predicts token p+1
+    # the first token of the second copy is not predictable from the first copy: skip it
+    return token_losses[:, : half - 1].mean().item(), token_losses[:, half:].mean().item()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +195,13 @@ def learning_dynamics(
         unigram_ce, bigram_ce = ngrams.cross_entropy(heldout)
         windows = torch.from_numpy(token_windows(heldout, config.n_windows, context, config.seed))
         repeats = induction_sequences(ngrams.unigram, config.replace(induction_half_length=half))
+        text = torch.from_numpy(token_windows(heldout, config.induction_sequences, half, config.seed + 1))
+        text_repeats = torch.cat([text, text], dim=1).to(device)
         rows = []
         for step in tqdm(steps, desc="learning dynamics", disable=not progress):
             model, _ = load_snapshot(suite, step, device=device, with_tokenizer=False)
             rows.append({"step": step, **snapshot_metrics(model, windows.to(device), ngrams, repeats.to(device),
-                                                         config.batch_size),
+                                                         config.batch_size, text_repeats),
                          "unigram_ce": unigram_ce, "bigram_ce": bigram_ce})
         atomic_write_text(folder / "metrics.csv", pd.DataFrame(rows).to_csv(index=False))
 

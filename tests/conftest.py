@@ -48,7 +48,7 @@ def micro_suite_config(corpus: Path, **changes):
     base = dict(
         corpus=CorpusConfig(source=str(corpus), heldout_fraction=0.2),
         vocab_size=300, n_layers=2, d_model=32, n_heads=2, d_mlp=64, context_length=16,
-        total_steps=12, batch_size=4, warmup_steps=2, linear_every=4, checkpoint_every=3,
+        total_steps=12, batch_size=4, warmup_steps=2, linear_every=4, checkpoint_every=3, repeat_fraction=0.25,
     )
     base.update(changes)
     return SuiteConfig(**base)

@@ -134,7 +134,7 @@ def norm_factors_of(activations: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def small_config() -> TaskConfig:
-    return TaskConfig(n_prompts=6, induction_length=5, seed=0)
+    return TaskConfig(n_prompts=6, induction_length=5, frequent_fraction=0.25, seed=0)
 
 
 @pytest.fixture(scope="module")

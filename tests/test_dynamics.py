@@ -46,10 +46,34 @@ def test_metrics_of_an_exact_bigram_model():
     ngrams = NgramModel.fit(tokens, 20, smoothing=1.0)
     windows = torch.from_numpy(tokens[:2000].reshape(50, 40)).long()
     repeats = torch.from_numpy(np.tile(rng.integers(0, 20, size=(10, 8)), 2)).long()
-    metrics = snapshot_metrics(BigramLookup(ngrams), windows, ngrams, repeats, batch_size=16)
+    text_repeats = torch.cat([windows[:10, :8]] * 2, dim=1)
+    metrics = snapshot_metrics(BigramLookup(ngrams), windows, ngrams, repeats, batch_size=16, text_repeats=text_repeats)
     assert metrics["bigram_kl"] == pytest.approx(0.0, abs=1e-5)
     assert metrics["unigram_kl_position"] > 1.0
     assert abs(metrics["induction_score"]) < 0.3  # a bigram model cannot copy
+    assert abs(metrics["induction_text_score"]) < 0.3
+    # A model that copies the token `half` places back scores the whole first-copy loss on both
+    copier = CopyBack(half=8, vocab=20)
+    copied = snapshot_metrics(copier, windows, ngrams, repeats, batch_size=16, text_repeats=text_repeats)
+    assert copied["induction_second_copy_loss"] == pytest.approx(0.0, abs=1e-3)
+    assert copied["induction_score"] == pytest.approx(copied["induction_first_copy_loss"], abs=1e-3)
+    assert copied["induction_text_score"] == pytest.approx(np.log(20), abs=1e-3)  # uniform on the first copy
+
+
+class CopyBack(torch.nn.Module):
+    """Predicts, from position `half` on, the token that followed `half` positions earlier (with
+    certainty); uniform before that."""
+
+    def __init__(self, half: int, vocab: int):
+        super().__init__()
+        self.half, self.vocab = half, vocab
+
+    def forward(self, input_ids):
+        batch, length = input_ids.shape
+        logits = torch.zeros(batch, length, self.vocab)
+        for position in range(self.half - 1, length - 1):
+            logits[:, position] = torch.nn.functional.one_hot(input_ids[:, position + 1 - self.half], self.vocab) * 50.0
+        return type("Out", (), {"logits": logits})
 
 
 def test_learning_dynamics_on_micro_suite(micro_suite, tmp_path, monkeypatch):

@@ -18,7 +18,8 @@ from conftest import micro_suite_config
 from crosslib.config import ParameterError
 from crosslib.constants import PYTHIA_STEPS, pythia_schedule
 from crosslib.snapshots import SnapshotError, list_steps, load_snapshot, step_dir
-from crosslib.suite import SuiteConfig, lr_at, resolve_suite, train_suite, training_batch, training_log
+from crosslib.suite import (SuiteConfig, frequent_tokens, lr_at, resolve_suite, train_suite, training_batch,
+                            training_log)
 
 
 def weights(suite: Path, step: int) -> dict[str, torch.Tensor]:
@@ -105,7 +106,7 @@ def test_kill_minus_nine_then_resume(text_corpus, tmp_path):
 def test_training_batches_are_a_function_of_step(text_corpus):
     import numpy as np
 
-    config = micro_suite_config(text_corpus, repeat_fraction=1.0)
+    config = micro_suite_config(text_corpus, repeat_fraction=1.0, repeat_mode="random-span")
     tokens = np.arange(1000, dtype=np.uint16)
     a, b = training_batch(tokens, 5, config), training_batch(tokens, 5, config)
     assert torch.equal(a, b) and not torch.equal(a, training_batch(tokens, 6, config))
@@ -119,6 +120,37 @@ def test_training_batches_are_a_function_of_step(text_corpus):
     assert len(distances) > 3  # the copy distance varies: no fixed-offset shortcut
     assert lr_at(0, config) == pytest.approx(config.lr / 2)
     assert lr_at(config.total_steps, config) == pytest.approx(config.lr * config.min_lr_ratio)
+
+
+def test_random_token_repeats_vary_their_period_and_use_frequent_tokens(text_corpus):
+    """The default mix: from a random place on, a random motif of frequent tokens repeats; the period
+    varies from row to row (no fixed-offset shortcut) and the text before it is untouched."""
+    import numpy as np
+
+    config = micro_suite_config(text_corpus, context_length=64, repeat_fraction=0.5, repeat_vocab=8)
+    tokens = np.arange(8, 1000).astype(np.uint16)  # a counting stream: it never repeats by itself
+    pool = np.arange(8)
+    periods, n_rows, n_repeated = set(), 0, 0
+    for step in range(30):
+        for row in training_batch(tokens, step, config, pool).numpy():
+            n_rows += 1
+            pooled = row < 8
+            if not pooled.any():
+                assert (np.diff(row) == 1).all()  # an untouched window of the counting stream
+                continue
+            n_repeated += 1
+            begin = int(pooled.argmax())
+            assert pooled[begin:].all() and (np.diff(row[:begin]) == 1).all()
+            tail = row[begin:]
+            period = next(p for p in range(1, len(tail)) if np.array_equal(tail[p:], tail[:-p]))
+            assert len(tail) >= 4 * period  # at least four copies of the motif
+            periods.add(period)
+    assert 0.3 < n_repeated / n_rows < 0.7  # about repeat_fraction of the rows
+    assert len(periods) >= 4  # 64 // 32 = 2 to 64 // 8 = 8 tokens
+    # without a precomputed pool, the repeat_vocab most frequent tokens of the stream are used
+    skewed = np.concatenate([tokens, np.repeat(np.arange(990, 998), 3)]).astype(np.uint16)
+    assert sorted(frequent_tokens(skewed, 8)) == list(range(990, 998))
+    assert torch.equal(training_batch(skewed, 3, config), training_batch(skewed, 3, config, np.arange(990, 998)))
 
 
 def test_unknown_step_lists_available(micro_suite):
