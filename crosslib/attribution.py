@@ -97,10 +97,13 @@ class AttributionConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class InterventionConfig(Config):
     """ks: how many features to ablate/patch (each 1..100 by default); rank_by: which attribution ranks
-    them ("attribution" or "integrated_gradients"); random_draws: random baselines averaged per k."""
+    the features to patch ("attribution": activation difference × gradient at the corrupted run;
+    "integrated_gradients": the gradient averaged along the straight path from corrupted to clean
+    features, `ig_steps` midpoints); random_draws: random baselines averaged per k."""
 
     ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     rank_by: str = "attribution"
+    ig_steps: int = 8
     random_draws: int = 5
     seed: int = 0
     batch_size: int = 32
@@ -113,6 +116,7 @@ class InterventionConfig(Config):
                 and all(a < b for a, b in zip(self.ks, self.ks[1:])),
                 "ks", self.ks, "a non-empty increasing tuple of integers >= 1, e.g. (1, 2, 5, 10, 20, 50, 100)")
         require_choice("rank_by", self.rank_by, SCORES)
+        _positive_int("ig_steps", self.ig_steps)
         _positive_int("random_draws", self.random_draws)
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _positive_int("batch_size", self.batch_size)
@@ -457,11 +461,13 @@ class AblationResult:
 
 @dataclasses.dataclass
 class PatchingResult:
-    """Patching the top-k (by attribution patching) vs k random features from clean into corrupted prompts.
+    """Patching the top-k (by `scores`) vs k random features from clean into corrupted prompts.
 
     curve: one row per (k, selection): n_features, metric, recovery (mean over draws for random),
     recovery_std. recovery_all_features patches every feature (error kept from the corrupted run);
     recovery_all_features_and_error also patches the error, which restores the clean run exactly (1).
+    scores [feature]: the estimated effect of patching each feature (InterventionConfig.rank_by);
+    with integrated gradients they add up to the effect of patching them all.
     """
 
     curve: pd.DataFrame
@@ -470,6 +476,7 @@ class PatchingResult:
     recovery_all_features: float
     recovery_all_features_and_error: float
     n_candidates: int
+    scores: Float[np.ndarray, " feature"] | None = None
 
     def recovery(self, k: int, selection: str = "top") -> float:
         """The recovery at this k ("top" or "random", the mean over draws)."""
@@ -564,10 +571,20 @@ def patching_curve(task: Task, splice: Splice, model: Any,
     clean = splice.encode(clean_activations)
     corrupted = splice.encode(corrupted_activations)
     clean_metric = spliced_metric(splice, model, task, clean, batch_size=batch)
+    difference = clean.features - corrupted.features
     leaf = corrupted.features.clone().requires_grad_(True)
     corrupted_metric = spliced_metric(splice, model, task, corrupted.with_features(leaf), corrupted=True,
                                       batch_size=batch, backward=True)
-    scores = _feature_sums((clean.features - corrupted.features) * leaf.grad)  # attribution patching
+    gradient = leaf.grad  # attribution patching: first order at the corrupted run
+    if config.rank_by == "integrated_gradients":
+        gradient = torch.zeros_like(difference)
+        for step in range(config.ig_steps):
+            alpha = (step + 0.5) / config.ig_steps
+            leaf = (corrupted.features + alpha * difference).detach().requires_grad_(True)
+            spliced_metric(splice, model, task, corrupted.with_features(leaf), corrupted=True, batch_size=batch,
+                           backward=True)
+            gradient += leaf.grad / config.ig_steps
+    scores = _feature_sums(difference * gradient)
     real = _real_token_mask(task).to(clean.features.device)[..., None]
     candidates_mask = _feature_sums(((clean.features > 0) | (corrupted.features > 0)) & real) > 0
     ranked = _ranked_active(scores, candidates_mask)
@@ -596,7 +613,7 @@ def patching_curve(task: Task, splice: Splice, model: Any,
         curve=pd.DataFrame(rows), clean_metric=clean_metric, corrupted_metric=corrupted_metric,
         recovery_all_features=_recovery(patched(every), clean_metric, corrupted_metric),
         recovery_all_features_and_error=_recovery(patched(every, with_error=True), clean_metric, corrupted_metric),
-        n_candidates=len(candidates),
+        n_candidates=len(candidates), scores=scores,
     )
 
 

