@@ -290,3 +290,103 @@ def test_compiled_kernels_equal_the_eager_ones():
     assert torch.allclose(a.features, b.features, atol=1e-6)
     for name in ga:
         assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-5), name
+
+
+# ----------------------------------------------------------------------------------- sparse products
+
+def _loss_and_grads(m: Crosscoder, x: torch.Tensor, *, bf16: bool = False):
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = m(x, sparsity_coefficient=0.7)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def _count_sparse_steps(monkeypatch) -> list[int]:
+    import crosslib.crosscoder as cc
+
+    calls, original = [], cc.ActivePattern.of
+    monkeypatch.setattr(cc.ActivePattern, "of", classmethod(lambda cls, f: calls.append(1) or original(f)))
+    return calls
+
+
+@pytest.mark.parametrize("S, independent", [(1, False), (3, True), (3, False)])
+def test_sparse_products_equal_the_dense_ones(S, independent, monkeypatch):
+    """Training's sparse decoder and W_E/W_D gradients compute the dense products' values (fp32: to rounding)."""
+    import crosslib.crosscoder as cc
+
+    m = _model(S=S, F=64, independent=independent)
+    x = torch.randn(53, S, 8, generator=torch.Generator().manual_seed(4))
+    m.sparse = False
+    dense, dense_grads = _loss_and_grads(m, x)
+    m.sparse = True
+    calls = _count_sparse_steps(monkeypatch)
+    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", 1.0)
+    sparse, sparse_grads = _loss_and_grads(m, x)
+    assert calls == [1]  # the sparse path really ran
+    assert 0 < dense.active.sum() < dense.features.numel()  # some features on, some off
+    assert torch.allclose(sparse.loss, dense.loss, rtol=1e-6)
+    assert torch.allclose(sparse.reconstruction, dense.reconstruction, atol=1e-5)
+    assert torch.equal(sparse.active, dense.active)
+    for name, grad in dense_grads.items():
+        assert torch.allclose(sparse_grads[name], grad, rtol=1e-5, atol=1e-6), name
+
+
+def test_sparse_products_under_bf16_autocast_match_to_bf16_rounding(monkeypatch):
+    import crosslib.crosscoder as cc
+
+    m = _model(S=1, d=32, F=256)
+    x = torch.randn(300, 1, 32, generator=torch.Generator().manual_seed(5))
+    m.sparse = False
+    dense, dense_grads = _loss_and_grads(m, x, bf16=True)
+    m.sparse = True
+    calls = _count_sparse_steps(monkeypatch)
+    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", 1.0)
+    sparse, sparse_grads = _loss_and_grads(m, x, bf16=True)
+    assert calls == [1]
+    assert sparse.reconstruction.dtype == dense.reconstruction.dtype == torch.bfloat16
+    assert torch.allclose(sparse.loss.float(), dense.loss.float(), rtol=1e-3)
+    for name, grad in dense_grads.items():
+        error = (sparse_grads[name] - grad).norm() / grad.norm()
+        assert error < 1e-2, (name, float(error))  # bf16 has ~3 significant digits
+
+
+def test_sparse_products_run_only_when_f_is_sparse_and_in_training(monkeypatch):
+    import crosslib.crosscoder as cc
+
+    m = _model(S=1, F=64)
+    x = torch.randn(40, 1, 8, generator=torch.Generator().manual_seed(6))
+    calls = _count_sparse_steps(monkeypatch)
+    density = float(m(x).active.sum()) / (40 * 64)  # (this forward is in training mode: it may count)
+    calls.clear()
+    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", density * 0.99)
+    m(x)
+    assert calls == []  # denser than allowed: dense products
+    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", density)
+    m(x)
+    assert calls == [1]
+    m.eval()
+    m(x)
+    with torch.no_grad():
+        m.train()(x)
+    assert calls == [1]  # evaluation and no-grad passes stay dense
+
+
+def test_active_pattern_indexes_every_nonzero_once():
+    from crosslib.crosscoder import ActivePattern
+
+    g = torch.Generator().manual_seed(7)
+    S, F, B = 2, 5, 7
+    f = torch.where(torch.rand(S, F, B, generator=g) < 0.3, torch.rand(S, F, B, generator=g) + 0.1, 0.0)
+    p = ActivePattern.of(f)
+    nonzero = f.nonzero().tolist()  # (snapshot, feature, batch) in feature-major order
+    assert p.flat.tolist() == [(s * F + i) * B + b for s, i, b in nonzero]
+    assert p.row.tolist() == [s * B + b for s, i, b in nonzero]
+    counts = (f > 0).sum(-1).flatten()
+    assert p.feature_offsets.tolist() == (counts.cumsum(0) - counts).tolist()
+    by_token = sorted(nonzero, key=lambda sib: (sib[0], sib[2]))  # stable: features ascending within a row
+    assert [nonzero[k] for k in p.token_order.tolist()] == by_token
+    assert p.token_feature.tolist() == [s * F + i for s, i, b in by_token]
+    token_counts = (f > 0).sum(1).flatten()
+    assert p.token_offsets.tolist() == (token_counts.cumsum(0) - token_counts).tolist()
+    assert torch.equal(ActivePattern.of(f.bfloat16()).flat, p.flat)
