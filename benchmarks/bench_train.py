@@ -1,15 +1,26 @@
 """Training throughput: our SAE vs sae-lens's JumpReLU trainer, our crosscoder over S = 4, 8, 16, and
 matmul efficiency against this machine's fp32 matmul speed — all measured side by side in one run.
 
-    .venv/bin/python benchmarks/bench_train.py                # ~3-5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_train.py                # ~4-6 minutes on 2 cores
     .venv/bin/python benchmarks/bench_train.py --threads 0    # torch's default thread count
-    .venv/bin/python benchmarks/bench_train.py --quick        # fewer steps
+    .venv/bin/python benchmarks/bench_train.py --quick        # fewer steps (noisier)
+
+Data: synthetic activations made of planted sparse features (each row is 32 of 1024 unit directions
+with exponential magnitudes, plus noise; per-snapshot directions are perturbed copies of shared ones),
+normalised like real activations. Our speed depends on how sparse the SAE is: once few features fire,
+training runs the decoder and the W_E/W_D gradients over the active positions only (see
+crosslib.crosscoder, "sparse products"). So our SAE is timed where a real run spends its steps,
+after it has settled: each run trains `warm` steps and the last `timed` steps are clocked, and the L0
+and explained variance printed are those of the timed steps. The sparsity coefficient λ sets the L0;
+the headline uses λ = 1, where these SAEs settle near L0 = 25 (1.2% of the 2048 features, the L0 range
+of the tiny book's own SAEs at this d_model and dict_size: 10-25). A sweep over λ shows the L0
+dependence, and the same run with the sparse products switched off shows the dense floor. sae-lens's
+trainer computes every product densely, so its speed does not depend on L0; it trains on the same data.
 
 Threads: one intra-op thread by default, for both libraries and for the matmul reference. On the
 2-core machine this was written on, a quiet second core makes every step about 1.7x faster for both
-libraries (ours 79k vs sae-lens 24k tokens/s with 2 threads, 45k vs 14k with 1), but when other jobs
-share the cores a second OpenMP thread mostly waits at barriers and steps run 2-3x slower. Use
---threads 0 (torch's default) on a quiet machine.
+libraries, but when other jobs share the cores a second OpenMP thread mostly waits at barriers and
+steps run 2-3x slower. Use --threads 0 (torch's default) on a quiet machine.
 
 Every number comes from whole training loops over an iterator of in-memory activation batches:
 ours through `crosslib.train.train_crosscoder` (data gather, NaN check, forward, backward, Adam,
@@ -17,11 +28,10 @@ metrics), sae-lens's through `SAETrainer.fit` on the same batches. A step's time
 between two requests for a batch (the same clock for both); we print the median step and the
 fastest step (least disturbed by other processes on a shared machine). Headline lines:
 
-    sae_vs_saelens: X               our S=1 SAE tokens/s ÷ sae-lens JumpReLU SAE tokens/s (each with its default precision)
-    crosscoder_matmul_efficiency: Y achieved matmul FLOP/s at S=8 ÷ measured fp32 matmul FLOP/s
+    sae_vs_saelens: X               our S=1 SAE tokens/s (bf16 autocast, λ = 1) ÷ sae-lens JumpReLU SAE tokens/s (fp32, its default)
+    crosscoder_matmul_efficiency: Y achieved matmul FLOP/s at S=8, dense products ÷ measured fp32 matmul FLOP/s
 
-Matmul FLOPs per training step (B tokens, S snapshots, d = d_model, F = dict_size), counting only
-the products that are computed:
+Matmul FLOPs per training step (B tokens, S snapshots, d = d_model, F = dict_size), all products dense:
     forward:  encoder h = Σ_θ W_E^θ x^θ  [B, S·d] @ [S·d, F]        2·B·S·d·F
               decoder x̂^θ = f^θ W_D^θ    S × [B, F] @ [F, d]         2·B·S·d·F
     backward: ∂W_E = xᵀ ∂h                                          2·B·S·d·F
@@ -29,6 +39,8 @@ the products that are computed:
               ∂W_D^θ = f^θᵀ ∂x̂^θ                                    2·B·S·d·F
               ∂f^θ = ∂x̂^θ W_D^θᵀ                                    2·B·S·d·F
     total:    10·B·S·d·F  (elementwise work, the gate, penalty and Adam are not counted)
+The efficiency line therefore runs with the sparse products switched off (they skip most of the
+decoder's and the gradients' FLOPs, which would inflate a FLOP/s figure).
 """
 
 from __future__ import annotations
@@ -40,11 +52,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from crosslib import crosscoder  # noqa: E402
 from crosslib.crosscoder import CrosscoderConfig  # noqa: E402
 from crosslib.sources import TensorSource  # noqa: E402
 from crosslib.train import TrainConfig, train_crosscoder, tune_allocator  # noqa: E402
@@ -65,13 +79,19 @@ def matmul_flops(dtype: torch.dtype, reps: int = 10) -> float:
     return 2 * 2048 * 1024 * 2048 / best
 
 
-def synthetic_source(S: int, rows: int = 16_384) -> TensorSource:
-    """Activations with a few hundred sparse directions plus noise (the content barely matters for speed)."""
+def planted_source(S: int, rows: int = 16_384, n_directions: int = 1024, per_row: int = 32) -> TensorSource:
+    """Rows of `per_row` planted unit directions (exponential magnitudes) plus noise; snapshot θ's directions
+    are perturbed copies of shared ones, so a crosscoder has shared structure to find."""
     g = torch.Generator().manual_seed(S)
-    directions = torch.randn(512, S, D, generator=g)
-    codes = torch.rand(rows, 512, generator=g).pow(8)  # mostly tiny, a few large
-    x = torch.einsum("rk,ksd->rsd", codes, directions) + 0.1 * torch.randn(rows, S, D, generator=g)
-    return TensorSource(x, eval_fraction=0.0)
+    shared = torch.randn(n_directions, 1, D, generator=g)
+    directions = shared + 0.3 * torch.randn(n_directions, S, D, generator=g)
+    directions /= directions.norm(dim=-1, keepdim=True)
+    which = torch.randint(n_directions, (rows * per_row,), generator=g)
+    row = torch.arange(rows).repeat_interleave(per_row)
+    magnitude = torch.empty(rows * per_row).exponential_(1.0, generator=g)
+    codes = torch.sparse_coo_tensor(torch.stack([row, which]), magnitude, (rows, n_directions)).coalesce()
+    x = torch.sparse.mm(codes, directions.reshape(n_directions, S * D)).view(rows, S, D)
+    return TensorSource(x + 0.05 * torch.randn(rows, S, D, generator=g), eval_fraction=0.0)
 
 
 class Clock:
@@ -118,14 +138,28 @@ def rates(times: list[float]) -> tuple[float, float]:
     return B / times[len(times) // 2], B / times[0]
 
 
-def ours(S: int, steps: int, *, bf16: bool, compile: bool) -> tuple[float, float]:
-    """Our training loop's tokens/s (median step, fastest step); the first 2 steps (compilation) are not timed."""
-    source = ClockedSource(synthetic_source(S), warmup=2)
-    model = CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=F, decoder_init_norm=0.1)
-    config = TrainConfig(n_steps=steps + 3, batch_size=B, lr=1e-4, log_every=steps + 3, eval_rows=0,
-                         bf16=bf16, compile=compile)
-    train_crosscoder(source, model, config, progress=False)
-    return rates(source.clock.step_times())
+class Run(NamedTuple):
+    median: float  # tokens/s of the median timed step
+    fastest: float  # tokens/s of the fastest timed step
+    l0: float  # mean active features per token (and snapshot) over the timed steps
+    explained_variance: float  # mean over snapshots, over the timed steps
+
+
+def ours(S: int, *, warm: int, timed: int, bf16: bool, sparse: bool = True, sparsity_coefficient: float = 1.0,
+         lr: float = 1e-3) -> Run:
+    """Our training loop: `warm` untimed steps (compilation, and the SAE settling to its L0), then `timed` clocked ones."""
+    source = ClockedSource(planted_source(S), warmup=warm)
+    model = CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=F)
+    config = TrainConfig(n_steps=warm + timed, batch_size=B, lr=lr, sparsity_coefficient=sparsity_coefficient,
+                         log_every=timed, eval_rows=0, bf16=bf16, compile=True)
+    saved, crosscoder.SPARSE_MAX_DENSITY = crosscoder.SPARSE_MAX_DENSITY, (crosscoder.SPARSE_MAX_DENSITY if sparse else 0.0)
+    try:
+        result = train_crosscoder(source, model, config, progress=False)
+    finally:
+        crosscoder.SPARSE_MAX_DENSITY = saved
+    last = result.history[-1]  # exactly the timed steps (warm is a multiple of timed)
+    times = source.clock.step_times()[-timed:]
+    return Run(*rates(times), sum(last["l0"]) / S, sum(last["explained_variance"]) / S)
 
 
 def saelens(steps: int, *, autocast: bool) -> tuple[float, float]:
@@ -134,7 +168,7 @@ def saelens(steps: int, *, autocast: bool) -> tuple[float, float]:
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    source = synthetic_source(1)
+    source = planted_source(1)
     clock = Clock((x[:, 0] for x in source.batches(B, seed=0)), warmup=2)
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
         d_in=D, d_sae=F, jumprelu_sparsity_loss_mode="tanh", l0_coefficient=0.3, jumprelu_bandwidth=0.05,
@@ -168,7 +202,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     tuned = tune_allocator()  # process-wide (glibc mallopt): sae-lens below runs with it too
-    sae_steps, cc_steps = (8, 5) if args.quick else (30, 12)
+    sae_steps = 8 if args.quick else 30
+    timed, warm = (10, 40) if args.quick else (40, 160)  # ours: steps clocked after the SAE has settled
+    cc_timed, cc_warm = (4, 4) if args.quick else (12, 12)  # crosscoders, dense products: L0 does not matter
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at start, "
           f"malloc tuned for both libraries: {tuned}")
@@ -182,31 +218,43 @@ def main() -> None:
     print(f"fp32 matmul: {peak32 / 1e9:.1f} GFLOP/s   bf16 matmul: {peak16 / 1e9:.1f} GFLOP/s")
 
     sl32, sl16 = saelens(sae_steps, autocast=False), saelens(sae_steps, autocast=True)
-    ours32, ours16 = ours(1, sae_steps, bf16=False, compile=True), ours(1, sae_steps, bf16=True, compile=True)
-    print("tokens/s as (median step, fastest step):")
+    print("tokens/s as (median step, fastest step); ours after its warm-up, with the L0 and EV of the timed steps:")
     print(f"SAE S=1  sae-lens fp32: {sl32[0]:7.0f} {sl32[1]:7.0f}   sae-lens bf16 autocast: {sl16[0]:7.0f} {sl16[1]:7.0f}")
-    print(f"SAE S=1  ours     fp32: {ours32[0]:7.0f} {ours32[1]:7.0f}   ours     bf16 autocast: {ours16[0]:7.0f} {ours16[1]:7.0f}")
-    print(f"ours / sae-lens, same precision: fp32 {ours32[0] / sl32[0]:.2f}x (fastest {ours32[1] / sl32[1]:.2f}x), "
-          f"bf16 {ours16[0] / sl16[0]:.2f}x (fastest {ours16[1] / sl16[1]:.2f}x)")
+    runs = {}
+    for label, kw in [("fp32", dict(bf16=False)), ("bf16", dict(bf16=True)),
+                      ("bf16, dense products", dict(bf16=True, sparse=False))]:
+        runs[label] = r = ours(1, warm=warm, timed=timed, **kw)
+        print(f"SAE S=1  ours {label:21s}: {r.median:7.0f} {r.fastest:7.0f}   L0 {r.l0:5.1f}  EV {r.explained_variance:.3f}")
+    print(f"ours / sae-lens, same precision: fp32 {runs['fp32'].median / sl32[0]:.2f}x, "
+          f"bf16 {runs['bf16'].median / sl16[0]:.2f}x (dense products: {runs['bf16, dense products'].median / sl16[0]:.2f}x)")
+    print("L0 dependence (ours bf16; sparsity coefficient λ sets the L0):")
+    for lam in (0.3, 1.0, 3.0):
+        r = runs["bf16"] if lam == 1.0 else ours(1, warm=warm, timed=timed, bf16=True, sparsity_coefficient=lam)
+        print(f"  λ = {lam:3.1f}: L0 {r.l0:5.1f} ({100 * r.l0 / F:4.1f}% of features)  {r.median:7.0f} tok/s  "
+              f"= {r.median / sl32[0]:.2f}x sae-lens fp32")
 
     cc = {}
     for S in (4, 8, 16):
-        cc[S] = ours(S, cc_steps, bf16=True, compile=True)
-        flops = [10 * S * D * F * r for r in cc[S]]
-        print(f"crosscoder S={S:2d} bf16: {cc[S][0]:6.0f} {cc[S][1]:6.0f} tok/s  {flops[0] / 1e9:6.1f} {flops[1] / 1e9:6.1f} "
-              f"GFLOP/s = {flops[0] / peak32:.2f} {flops[1] / peak32:.2f} x fp32 matmul")
-    fp32_s8 = ours(8, cc_steps, bf16=False, compile=True)
-    print(f"crosscoder S= 8 fp32: {fp32_s8[0]:6.0f} {fp32_s8[1]:6.0f} tok/s  "
-          f"{10 * 8 * D * F * fp32_s8[0] / 1e9:6.1f} {10 * 8 * D * F * fp32_s8[1] / 1e9:6.1f} GFLOP/s = "
-          f"{10 * 8 * D * F * fp32_s8[0] / peak32:.2f} {10 * 8 * D * F * fp32_s8[1] / peak32:.2f} x fp32 matmul")
-    print(f"time per token S=16 vs S=4: {cc[4][0] / cc[16][0]:.2f}x (median), {cc[4][1] / cc[16][1]:.2f}x (fastest) "
-          "for 4x the snapshots")
+        cc[S] = ours(S, warm=cc_warm, timed=cc_timed, bf16=True, sparse=False)
+        flops = [10 * S * D * F * r for r in cc[S][:2]]
+        print(f"crosscoder S={S:2d} bf16 dense: {cc[S].median:6.0f} {cc[S].fastest:6.0f} tok/s  {flops[0] / 1e9:6.1f} "
+              f"{flops[1] / 1e9:6.1f} GFLOP/s = {flops[0] / peak32:.2f} {flops[1] / peak32:.2f} x fp32 matmul")
+    fp32_s8 = ours(8, warm=cc_warm, timed=cc_timed, bf16=False, sparse=False)
+    print(f"crosscoder S= 8 fp32 dense: {fp32_s8.median:6.0f} {fp32_s8.fastest:6.0f} tok/s  "
+          f"{10 * 8 * D * F * fp32_s8.median / 1e9:6.1f} {10 * 8 * D * F * fp32_s8.fastest / 1e9:6.1f} GFLOP/s = "
+          f"{10 * 8 * D * F * fp32_s8.median / peak32:.2f} {10 * 8 * D * F * fp32_s8.fastest / peak32:.2f} x fp32 matmul")
+    print(f"time per token S=16 vs S=4: {cc[4].median / cc[16].median:.2f}x (median), "
+          f"{cc[4].fastest / cc[16].fastest:.2f}x (fastest) for 4x the snapshots")
+    settled = ours(8, warm=warm // 2, timed=timed // 2, bf16=True)
+    print(f"crosscoder S= 8 bf16 after {warm // 2} steps, sparse products: {settled.median:6.0f} tok/s at L0 "
+          f"{settled.l0:.1f} per snapshot (EV {settled.explained_variance:.3f}) = "
+          f"{settled.median / cc[8].median:.2f}x the dense products")
     print(f"load average at end {os.getloadavg()[0]:.1f} (other processes share these {os.cpu_count()} cores)")
     print("headlines use the median step; the fp32 matmul reference is its fastest repetition")
-    print(f"sae_vs_saelens: {ours16[0] / sl32[0]:.2f}   (ours with bf16 autocast, the fast path, vs sae-lens's default fp32; "
-          f"same-precision ratios above)")
-    print(f"crosscoder_matmul_efficiency: {10 * 8 * D * F * cc[8][0] / peak32:.2f}   (S=8, bf16 autocast, vs fp32 matmul; "
-          f"fastest step: {10 * 8 * D * F * cc[8][1] / peak32:.2f})")
+    print(f"sae_vs_saelens: {runs['bf16'].median / sl32[0]:.2f}   (ours with bf16 autocast at L0 {runs['bf16'].l0:.1f}, "
+          f"vs sae-lens's default fp32; same-precision and L0 ratios above)")
+    print(f"crosscoder_matmul_efficiency: {10 * 8 * D * F * cc[8].median / peak32:.2f}   (S=8, bf16 autocast, dense "
+          f"products, vs fp32 matmul; fastest step: {10 * 8 * D * F * cc[8].fastest / peak32:.2f})")
 
 
 if __name__ == "__main__":

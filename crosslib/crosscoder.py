@@ -44,6 +44,8 @@ gate in the backward pass instead of storing [snapshot, feature, batch] intermed
 the same function and gradients as `JumpReLU` + the penalty written out (tests/test_crosscoder.py
 checks both against each other and against a loop over the equations). With `compiled=True`
 torch.compile fuses each of its passes into one loop (falling back to eager if compilation fails).
+In training on CPU, once f is sparse (`SPARSE_MAX_DENSITY`), the decoder and the W_E/W_D gradients run
+over f's active positions only ("sparse products" below; `sparse=False` turns them off).
 
 A note on the penalties, from tests/test_train.py's planted-feature data (d = 32, 24 rare features,
 800 steps): with `sparsity="l1"` the crosscoder recovers every planted feature and zeroes its
