@@ -44,7 +44,7 @@ gate in the backward pass instead of storing [snapshot, feature, batch] intermed
 the same function and gradients as `JumpReLU` + the penalty written out (tests/test_crosscoder.py
 checks both against each other and against a loop over the equations). With `compiled=True`
 torch.compile fuses each of its passes into one loop (falling back to eager if compilation fails).
-In training on CPU, once f is sparse (`SPARSE_MAX_DENSITY`), the decoder and the W_E/W_D gradients run
+In training on CPU, once f is sparse (`sparse_density_limit`), the decoder and the W_E/W_D gradients run
 over f's active positions only ("sparse products" below; `sparse=False` turns them off).
 
 A note on the penalties, from tests/test_train.py's planted-feature data (d = 32, 24 rare features,
@@ -335,9 +335,17 @@ def _chunks(n_features: int, elements_per_feature: int) -> list[slice]:
 # embedding bags (a weighted sum of table rows per bag) over the active positions, at a cost proportional
 # to L0 instead of F. The two other products stay dense: h = W_E x needs every feature, and ∂f = W_Dᵀ ∂x̂
 # is needed wherever the threshold's straight-through window is open, which with the paper's wide window
-# is most positive pre-activations. Above SPARSE_MAX_DENSITY the dense products are faster.
+# is most positive pre-activations. The bookkeeping (finding and sorting the active positions) runs on one
+# core while the dense matmuls use every thread, so the density below which the sparse products pay
+# shrinks with the thread count: measured at d=128, F=2048, batch 2048, it is ~6% with one thread
+# (SAE and 8-snapshot crosscoder alike) and ~3% with two.
 
-SPARSE_MAX_DENSITY = 0.06  # fraction of f's entries that may be non-zero for training to use the sparse products
+SPARSE_MAX_DENSITY = 0.06  # with one thread: f's largest fraction of non-zero entries for the sparse products
+
+
+def sparse_density_limit() -> float:
+    """The fraction of non-zero entries of f up to which training uses the sparse products (this thread count)."""
+    return SPARSE_MAX_DENSITY / max(1, torch.get_num_threads())
 
 
 class ActivePattern(NamedTuple):
@@ -355,7 +363,8 @@ class ActivePattern(NamedTuple):
         S, F, B = f.shape
         # f is +0.0 exactly where a feature is off, so testing its bits is exact; numpy's test and nonzero
         # on them are ~10x and ~2x faster than torch's f > 0 and nonzero
-        bits = f.detach().contiguous().view(torch.int16 if f.element_size() == 2 else torch.int32).numpy()
+        as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[f.element_size()]
+        bits = f.detach().contiguous().view(as_int).numpy()
         flat = torch.from_numpy(np.flatnonzero(bits != 0))
         snapshot_feature = flat // B
         row = (snapshot_feature // F) * B + (flat - snapshot_feature * B)
@@ -581,13 +590,13 @@ class Crosscoder(nn.Module):
         rows = x.shape[0] if parallel is None else parallel.global_rows(x.shape[0])
         snapshots = cfg.snapshots_per_dictionary if parallel is None else parallel.snapshots_per_dictionary
 
-        # sparse products (training on CPU, one process): decided once f is known, see SPARSE_MAX_DENSITY
+        # sparse products (training on CPU, one process): decided once f is known, see sparse_density_limit
         plan = SparsePlan() if (self.sparse and self.training and torch.is_grad_enabled() and parallel is None
                                 and x.device.type == "cpu" and not x.requires_grad) else None
         h = self.encoder_sum(x, parallel=parallel, plan=plan)  # Σ_θ W_E^θ x̃^θ; b_E is added inside activate()
         norms = self.decoder_norms()
         f, phi_sum, active = self.activate(h, norms, add_bias=True)
-        if plan is not None and int(active.sum()) <= SPARSE_MAX_DENSITY * f.numel():
+        if plan is not None and int(active.sum()) <= sparse_density_limit() * f.numel():
             plan.pattern = ActivePattern.of(f)
             plan.encoder_sparse = cfg.snapshots_per_dictionary == 1
             x_hat = rearrange(SparseDecode.apply(f, self.W_D, self.b_D, plan.pattern),

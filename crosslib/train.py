@@ -24,11 +24,11 @@ AVX512-BF16/AMX the matmuls run ~2x faster. Measured on the same data (S=4, d=12
 steps): loss within 0.02%, explained variance within 0.002 and L0 within 0.4 of the fp32 run.
 `compile` (automatic for big runs) fuses the elementwise gate/penalty/error passes with torch.compile.
 
-Sparse products (CPU, automatic): once at most `crosslib.crosscoder.SPARSE_MAX_DENSITY` (6%) of f's
-entries are non-zero, a step computes the decoder and the W_D gradient (and, for SAEs, the W_E
-gradient) over the active positions only, in fp32 accumulators; the encoder and ∂f stay dense. Same
-values as the dense products to rounding (tests/test_crosscoder.py); at d=128, F=2048, L0 ≈ 20 an SAE
-step takes ~25% less time (benchmarks/bench_train.py).
+Sparse products (CPU, automatic): once at most `crosslib.crosscoder.sparse_density_limit()` of f's
+entries are non-zero (6% with one thread, 3% with two), a step computes the decoder and the W_D
+gradient (and, for SAEs, the W_E gradient) over the active positions only, in fp32 accumulators; the
+encoder and ∂f stay dense. Same values as the dense products to rounding (tests/test_crosscoder.py);
+at d=128, F=2048 and L0 ≈ 24 an SAE step takes ~30% less time (benchmarks/bench_train.py).
 
 Exact resume: batch k of the source is a pure function of (seed, k), the schedule is a function of
 the step, and a checkpoint holds the weights, Adam's state, the step, the metric history and the

@@ -4,6 +4,7 @@ caching, the one-pass per-snapshot SAEs, the schedule. Tiny models; ~30 s in all
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -281,7 +282,7 @@ def test_tensor_source_protocol():
 
 
 def test_sparse_products_train_like_dense_ones_and_resume_exactly(tmp_path, monkeypatch):
-    """With every step on the sparse products (SPARSE_MAX_DENSITY = 1), fp32 training follows the dense run to
+    """With every step on the sparse products (SPARSE_MAX_DENSITY = ∞), fp32 training follows the dense run to
     rounding, and a killed sparse run resumes to the same weights as an uninterrupted one."""
     import crosslib.crosscoder as cc
 
@@ -289,7 +290,7 @@ def test_sparse_products_train_like_dense_ones_and_resume_exactly(tmp_path, monk
     model = CrosscoderConfig(n_snapshots=1, d_model=8, dict_size=32)
     monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", 0.0)
     dense = train_crosscoder(source, model, SMALL_TRAIN, progress=False)
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", 1.0)
+    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", math.inf)
     sparse = train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "full", progress=False)
     for name, value in dense.model.state_dict().items():
         assert torch.allclose(sparse.model.state_dict()[name], value, rtol=1e-4, atol=1e-5), name
