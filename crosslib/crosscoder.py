@@ -185,16 +185,28 @@ def _tanh_and_sech2(u: Tensor) -> tuple[Tensor, Tensor]:
     return (1 - e) / (1 + e), 4 * e / ((1 + e) * (1 + e))
 
 
-def _jumprelu_tanh_forward(h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor, c: float
-                           ) -> tuple[Tensor, Tensor, Tensor]:
-    """f, Σ_batch tanh(c f‖W_D‖) [dictionary, snapshot, feature], #active [dictionary, snapshot, feature].
+def _gate_forward(h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor) -> tuple[Tensor, Tensor]:
+    """f (in h's dtype) and #active rows [dictionary, snapshot, feature].
 
     `h` comes without the encoder bias, `bias` [dictionary, feature] is added here (saves a pass)."""
     h4, z, threshold = _gate_inputs(h.float() + bias.float()[..., None], norms, log_threshold)
     on = z > threshold  # so f‖W_D‖ = z ≥ 0 where on, and 0 elsewhere
-    f = torch.where(on, h4, 0.0)
-    tanh_sum = _tanh_and_sech2(c * torch.where(on, z, 0.0))[0].sum(3)
-    return f.to(h.dtype), tanh_sum, on.sum(3, dtype=torch.int32)
+    return torch.where(on, h4, 0.0).to(h.dtype), on.sum(3, dtype=torch.int32)
+
+
+def _tanh_sum_forward(h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor, c: float) -> Tensor:
+    """Σ_batch tanh(c f‖W_D‖) [dictionary, snapshot, feature]: tanh(c z) where the gate is open, 0 elsewhere."""
+    _, z, threshold = _gate_inputs(h.float() + bias.float()[..., None], norms, log_threshold)
+    return _tanh_and_sech2(c * torch.where(z > threshold, z, 0.0))[0].sum(3)
+
+
+def _shut_window_backward(h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor, grad_f: Tensor,
+                          grad_tanh_sum: Tensor, c: float, bandwidth: float) -> Tensor:
+    """∂L/∂t [dictionary, feature] with the penalty's slope at f = 0 (c‖W_D‖ ∂L/∂tanh_sum) everywhere: exact where
+    the gate is shut; the sparse backward corrects the open positions."""
+    _, z, threshold = _gate_inputs(h.float() + bias.float()[..., None], norms, log_threshold)
+    g_shut = grad_f.float() + (grad_tanh_sum * c * norms.float())[..., None]
+    return (g_shut * _threshold_ste(z, threshold, norms, bandwidth)).sum(3).sum(1)
 
 
 def _jumprelu_tanh_backward(
@@ -235,8 +247,9 @@ def _error_backward(x_hat: Tensor, x: Tensor, grad_error: Tensor) -> Tensor:
 
 
 def _kernel(name: str, compiled: bool):
-    eager = {"forward": _jumprelu_tanh_forward, "backward": _jumprelu_tanh_backward,
-             "error_forward": _error_forward, "error_backward": _error_backward}[name]
+    eager = {"gate": _gate_forward, "tanh_sum": _tanh_sum_forward, "backward": _jumprelu_tanh_backward,
+             "shut_window": _shut_window_backward, "error_forward": _error_forward,
+             "error_backward": _error_backward}[name]
     if not compiled or _COMPILE_FAILED:
         return eager
     if name not in _COMPILED:
@@ -256,29 +269,43 @@ def _run_kernel(name: str, compiled: bool, *args: Any) -> Any:
 
 
 class JumpReLUTanh(torch.autograd.Function):
-    """(f, Σ_batch tanh(c f‖W_D‖)) in one pass: the JumpReLU gate fused with the tanh-quad penalty's sum.
+    """(f, Σ_batch tanh(c f‖W_D‖)): the JumpReLU gate fused with the tanh-quad penalty's sum.
 
     Computes exactly `JumpReLU.apply(h + bias, norms, t, ε)` and `tanh(c · f · norms).sum(batch)`, with the
     same straight-through estimator, but recomputes the gate in the backward pass instead of storing
     [snapshot, feature, batch] intermediates, and (when `compiled`) lets torch.compile fuse each pass
     into one loop. Also returns the number of active rows per (snapshot, feature) (no gradient).
+
+    With a `plan` (training) and f sparse enough (`sparse_density_limit`), the penalty's sum and every
+    gradient except the threshold's shut-gate part are computed over the active positions only, and
+    the active positions are recorded in the plan for the sparse decoder and encoder gradient.
     """
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor, bandwidth: float, c: float,
-                compiled: bool) -> tuple[Tensor, Tensor, Tensor]:
+                compiled: bool, plan: "SparsePlan | None") -> tuple[Tensor, Tensor, Tensor]:
         ctx.save_for_backward(h, bias, norms, log_threshold)
         ctx.bandwidth, ctx.c, ctx.compiled = bandwidth, c, compiled
+        G, F, B = h.shape
         if compiled:
-            f, tanh_sum, active = _run_kernel("forward", True, h, bias, norms, log_threshold, c)
+            f, active = _run_kernel("gate", True, h, bias, norms, log_threshold)
         else:
-            G, F, B = h.shape
             f = h.new_empty(G, norms.shape[1], F, B)
-            tanh_sum = torch.empty(norms.shape, dtype=torch.float32, device=h.device)
             active = torch.empty(norms.shape, dtype=torch.int32, device=h.device)
             for i in _chunks(F, norms.shape[1] * B):
-                f[:, :, i], tanh_sum[:, :, i], active[:, :, i] = _jumprelu_tanh_forward(
-                    h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i], c)
+                f[:, :, i], active[:, :, i] = _gate_forward(h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i])
+        ctx.plan = plan if plan is not None and int(active.sum()) <= sparse_density_limit() * f.numel() else None
+        if ctx.plan is not None:
+            plan.pattern = ActivePattern.of(f.view(-1, F, B))
+            plan.active_values = h4, n, _, _ = _active_values(h, bias, norms, plan.pattern)
+            plan.f_values = h4.to(f.dtype)
+            tanh_sum = _feature_sums([_tanh_and_sech2(c * h4 * n)[0]], plan.pattern).view(norms.shape)
+        elif compiled:
+            tanh_sum = _run_kernel("tanh_sum", True, h, bias, norms, log_threshold, c)
+        else:
+            tanh_sum = torch.empty(norms.shape, dtype=torch.float32, device=h.device)
+            for i in _chunks(F, norms.shape[1] * B):
+                tanh_sum[:, :, i] = _tanh_sum_forward(h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i], c)
         ctx.mark_non_differentiable(active)
         return f, tanh_sum, active
 
@@ -289,9 +316,13 @@ class JumpReLUTanh(torch.autograd.Function):
         if grad_f is None:
             grad_f = h.new_zeros(G, norms.shape[1], F, B)
         grad_tanh_sum = torch.zeros_like(norms, dtype=torch.float32) if grad_tanh_sum is None else grad_tanh_sum.float()
-        if ctx.compiled:
+        grad_f = grad_f.contiguous()
+        if ctx.plan is not None:
+            grad_h, grad_bias, grad_norms, grad_t = _sparse_gate_backward(
+                h, bias, norms, log_threshold, grad_f, grad_tanh_sum, ctx.c, ctx.bandwidth, ctx.plan, ctx.compiled)
+        elif ctx.compiled:
             grad_h, grad_bias, grad_norms, grad_t = _run_kernel(
-                "backward", True, h, bias, norms, log_threshold, grad_f.contiguous(), grad_tanh_sum, ctx.c, ctx.bandwidth)
+                "backward", True, h, bias, norms, log_threshold, grad_f, grad_tanh_sum, ctx.c, ctx.bandwidth)
         else:
             grad_h = torch.empty_like(h)
             grad_bias = torch.empty(bias.shape, dtype=torch.float32, device=h.device)
@@ -302,7 +333,7 @@ class JumpReLUTanh(torch.autograd.Function):
                     h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i], grad_f[:, :, i], grad_tanh_sum[:, :, i],
                     ctx.c, ctx.bandwidth)
         return (grad_h, grad_bias.to(bias.dtype), grad_norms.to(norms.dtype), grad_t.to(log_threshold.dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 class SquaredError(torch.autograd.Function):
@@ -335,12 +366,16 @@ def _chunks(n_features: int, elements_per_feature: int) -> list[slice]:
 # embedding bags (a weighted sum of table rows per bag) over the active positions, at a cost proportional
 # to L0 instead of F. The two other products stay dense: h = W_E x needs every feature, and ∂f = W_Dᵀ ∂x̂
 # is needed wherever the threshold's straight-through window is open, which with the paper's wide window
-# is most positive pre-activations. The bookkeeping (finding and sorting the active positions) runs on one
-# core while the dense matmuls use every thread, so the density below which the sparse products pay
-# shrinks with the thread count: measured at d=128, F=2048, batch 2048, it is ~6% with one thread
-# (SAE and 8-snapshot crosscoder alike) and ~3% with two.
+# is most positive pre-activations. The fused gate goes sparse too: its dense passes keep only what the
+# shut positions need (the gate itself, and the threshold's window sum with the penalty's slope at 0;
+# no exp), and the penalty's tanh, its gradients and the open positions' part run over the active ones.
+# The bookkeeping (finding and sorting the active positions) runs on one core while the dense matmuls
+# use every thread, so the density below which all this pays shrinks with the thread count. Measured
+# per step at d=128, F=2048, batch 2048 (tokens), the break-even is ~7% (SAE) and ~4.5% (8-snapshot
+# crosscoder) with one thread, ~3% for both with two; at 1% density a step is 1.8x (SAE) and 1.7x
+# (crosscoder) faster with one thread, 1.6x and 1.25x with two.
 
-SPARSE_MAX_DENSITY = 0.06  # with one thread: f's largest fraction of non-zero entries for the sparse products
+SPARSE_MAX_DENSITY = 0.05  # with one thread: f's largest fraction of non-zero entries for the sparse products
 
 
 def sparse_density_limit() -> float:
@@ -352,6 +387,7 @@ class ActivePattern(NamedTuple):
     """Where f [snapshot, feature, batch] is non-zero, indexed for the sparse products (nnz positions)."""
 
     flat: Int[Tensor, " nnz"]  # positions in f.view(-1), ordered by (snapshot, feature, batch)
+    snapshot_feature: Int[Tensor, " nnz"]  # snapshot·F + i of each position
     row: Int[Tensor, " nnz"]  # snapshot·B + b of each position (a row of a [snapshot·batch, d] table)
     feature_offsets: Int[Tensor, " snapshot_feature"]  # where each (snapshot, feature)'s positions start
     token_order: Int[Tensor, " nnz"]  # the positions reordered by (snapshot, batch)
@@ -372,7 +408,7 @@ class ActivePattern(NamedTuple):
             token_order = torch.from_numpy(np.argsort(row.numpy().astype(np.int16), kind="stable"))
         else:
             token_order = torch.sort(row, stable=True).indices
-        return cls(flat, row, _offsets(snapshot_feature, S * F), token_order,
+        return cls(flat, snapshot_feature, row, _offsets(snapshot_feature, S * F), token_order,
                    snapshot_feature.index_select(0, token_order), _offsets(row, S * B))
 
 
@@ -386,12 +422,84 @@ def _bag_sum(table: Tensor, index: Tensor, offsets: Tensor, weights: Tensor) -> 
     return nn.functional.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
 
 
+def _segment_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """out[k] = Σ values[j] over index[j] = k (fp32; deterministic on CPU)."""
+    return torch.zeros(size, dtype=torch.float32, device=values.device).index_add_(0, index, values.float())
+
+
+def _feature_sums(columns: list[Tensor], pattern: ActivePattern) -> Tensor:
+    """Σ over each (snapshot, feature)'s active positions of each column [snapshot·feature, column]: one bag
+    sum over the feature-major runs (~4x faster than a scatter-add per column)."""
+    table = torch.stack([c.float() for c in columns], dim=1)
+    index = torch.arange(table.shape[0], device=table.device)
+    return nn.functional.embedding_bag(index, table, pattern.feature_offsets, mode="sum")
+
+
+def _active_values(h: Tensor, bias: Tensor, norms: Tensor, pattern: ActivePattern
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """At f's active positions: h + b_E and ‖W_D‖ (fp32, the gate kernel's own values), the positions in h
+    [dictionary, feature, batch] and the (dictionary, feature) of each. h, bias, norms as in the gate."""
+    G, F, B = h.shape
+    Sg = norms.shape[1]  # snapshots per dictionary: f's snapshot θ = dictionary · Sg + s reads h[dictionary]
+    if Sg == 1:
+        h_position, dictionary_feature = pattern.flat, pattern.snapshot_feature
+    else:
+        h_position = pattern.flat // (Sg * F * B) * (F * B) + pattern.flat % (F * B)
+        dictionary_feature = pattern.snapshot_feature // (Sg * F) * F + pattern.snapshot_feature % F
+    h_plus_bias = (h.reshape(-1).index_select(0, h_position).float()
+                   + bias.float().reshape(-1).index_select(0, dictionary_feature))
+    n = norms.float().reshape(-1).index_select(0, pattern.snapshot_feature)
+    return h_plus_bias, n, h_position, dictionary_feature
+
+
+def _sparse_gate_backward(h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor, grad_f: Tensor,
+                          grad_tanh_sum: Tensor, c: float, bandwidth: float, plan: "SparsePlan", compiled: bool
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """JumpReLUTanh's gradients (h, bias, norms, log_threshold) when f is sparse.
+
+    Where the gate is shut f = 0, so ∂L/∂h = 0 there, the penalty's slope is its value at 0 and nothing
+    reaches ‖W_D‖: only the threshold's window sum needs a dense pass (`_shut_window_backward`, no
+    exp). Everything else, and the window sum's correction at open positions, runs over the active
+    positions. Same values as `_jumprelu_tanh_backward`, to rounding."""
+    G, F, B = h.shape
+    pattern = plan.pattern
+    if compiled:
+        grad_t = _run_kernel("shut_window", True, h, bias, norms, log_threshold, grad_f, grad_tanh_sum, c, bandwidth)
+    else:
+        grad_t = torch.empty(log_threshold.shape, dtype=torch.float32, device=h.device)
+        for i in _chunks(F, norms.shape[1] * B):
+            grad_t[:, i] = _shut_window_backward(h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i],
+                                                 grad_f[:, :, i], grad_tanh_sum[:, :, i], c, bandwidth)
+    h_plus_bias, n, h_position, dictionary_feature = plan.active_values  # from the forward pass
+    z = h_plus_bias * n
+    sech2 = _tanh_and_sech2(c * z)[1]
+    slope = grad_tanh_sum.reshape(-1).index_select(0, pattern.snapshot_feature) * c  # × sech² = ∂L/∂(f‖W_D‖)
+    g = grad_f.reshape(-1).index_select(0, pattern.flat).float() + slope * sech2 * n  # ∂L/∂f where open
+    threshold = log_threshold.float().exp().reshape(-1).index_select(0, dictionary_feature)
+    in_window = (z - threshold).abs() < bandwidth / 2
+    # open positions in the window: the shut pass used slope·n for the penalty's part of ∂L/∂f, it is slope·sech²·n
+    correction = torch.where(in_window, slope * (sech2 - 1) * n * (-(threshold * threshold) / (bandwidth * n)), 0.0)
+    sums = _feature_sums([correction, slope * sech2 * h_plus_bias, g], pattern).view(G, -1, F, 3)
+    grad_t = grad_t + sums[..., 0].sum(1)  # the dictionary's snapshots share b_E and t
+    grad_norms = sums[..., 1].view(norms.shape)
+    grad_bias = sums[..., 2].sum(1)
+    if plan.encoder_sparse:  # the encoder's gradient reads ∂h at these positions only: hand them over directly
+        plan.grad_h_values = g
+        grad_h = h.new_zeros(()).expand(h.shape)
+    else:  # several snapshots share h: sum their ∂L/∂f into it
+        grad_h = _segment_sum(g, h_position, h.numel()).view(h.shape).to(h.dtype)
+    return grad_h, grad_bias, grad_norms, grad_t
+
+
 class SparsePlan:
     """Filled during a training forward pass when f is sparse enough; read by the backward passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, encoder_sparse: bool) -> None:
+        self.encoder_sparse = encoder_sparse  # ∂h has f's pattern: one snapshot per dictionary (SAEs)
         self.pattern: ActivePattern | None = None
-        self.encoder_sparse = False  # ∂h has f's pattern: one snapshot per dictionary (SAEs)
+        self.f_values: Tensor | None = None  # f at pattern.flat, when the gate computed them
+        self.active_values: tuple[Tensor, ...] = ()  # the gate's `_active_values` at pattern.flat
+        self.grad_h_values: Tensor | None = None  # ∂L/∂h at pattern.flat, when the gate's backward computed them
 
 
 class SparseDecode(torch.autograd.Function):
@@ -402,10 +510,13 @@ class SparseDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, f: Tensor, W_D: Tensor, b_D: Tensor, pattern: ActivePattern) -> Tensor:
+    def forward(ctx: Any, f: Tensor, W_D: Tensor, b_D: Tensor, plan: SparsePlan) -> Tensor:
         S, F, B = f.shape
         d = W_D.shape[-1]
-        values = f.reshape(-1).index_select(0, pattern.flat)  # f at the active positions, feature-major
+        pattern = plan.pattern
+        values = plan.f_values  # f at the active positions, feature-major
+        if values is None:
+            values = f.reshape(-1).index_select(0, pattern.flat)
         ctx.save_for_backward(values, W_D)
         ctx.pattern, ctx.f_shape, ctx.f_dtype = pattern, f.shape, f.dtype
         with torch.autocast(f.device.type, enabled=False):
@@ -448,8 +559,10 @@ class Encode(torch.autograd.Function):
             G, F, B = grad_h.shape
             d = x.shape[1]
             rows = rearrange(x.float(), "dictionary input batch -> (dictionary batch) input").contiguous()
-            grad_W_E = _bag_sum(rows, plan.pattern.row, plan.pattern.feature_offsets,
-                                grad_h.reshape(-1).index_select(0, plan.pattern.flat).float()).view(G, F, d)
+            values = plan.grad_h_values
+            if values is None:
+                values = grad_h.reshape(-1).index_select(0, plan.pattern.flat).float()
+            grad_W_E = _bag_sum(rows, plan.pattern.row, plan.pattern.feature_offsets, values).view(G, F, d)
         else:
             grad_W_E = torch.bmm(grad_h, x.transpose(1, 2).to(grad_h.dtype))
         return grad_W_E.to(ctx.W_E_dtype), None, None
@@ -533,7 +646,8 @@ class Crosscoder(nn.Module):
         return h if parallel is None else parallel.sum_over_heads(h)  # other processes hold other snapshots' terms
 
     def activate(self, h: Float[Tensor, "dictionary feature batch"], norms: Float[Tensor, "snapshot feature"],
-                 *, add_bias: bool = False) -> tuple[Float[Tensor, "snapshot feature batch"],
+                 *, add_bias: bool = False, plan: SparsePlan | None = None
+                 ) -> tuple[Float[Tensor, "snapshot feature batch"],
                                                      Float[Tensor, "dictionary feature"], Int[Tensor, "snapshot feature"]]:
         """f^θ; Σ over batch and the dictionary's snapshots of φ(f‖W_D‖); #active rows per (snapshot, feature).
 
@@ -545,7 +659,7 @@ class Crosscoder(nn.Module):
         t = self.log_threshold.view(G, F)
         if cfg.activation == "jumprelu" and cfg.sparsity == "tanh-quad" and self.fused:
             bias = self.b_E.view(G, F) if add_bias else torch.zeros((G, F), dtype=h.dtype, device=h.device)
-            f, phi, active = JumpReLUTanh.apply(h, bias, norms, t, cfg.bandwidth, cfg.tanh_scale, self.compiled)
+            f, phi, active = JumpReLUTanh.apply(h, bias, norms, t, cfg.bandwidth, cfg.tanh_scale, self.compiled, plan)
         else:
             if add_bias:
                 h = h + self.b_E.view(G, F, 1).to(h.dtype)
@@ -591,15 +705,16 @@ class Crosscoder(nn.Module):
         snapshots = cfg.snapshots_per_dictionary if parallel is None else parallel.snapshots_per_dictionary
 
         # sparse products (training on CPU, one process): decided once f is known, see sparse_density_limit
-        plan = SparsePlan() if (self.sparse and self.training and torch.is_grad_enabled() and parallel is None
-                                and x.device.type == "cpu" and not x.requires_grad) else None
+        plan = SparsePlan(encoder_sparse=cfg.snapshots_per_dictionary == 1) if (
+            self.sparse and self.training and torch.is_grad_enabled() and parallel is None
+            and x.device.type == "cpu" and not x.requires_grad) else None
         h = self.encoder_sum(x, parallel=parallel, plan=plan)  # Σ_θ W_E^θ x̃^θ; b_E is added inside activate()
         norms = self.decoder_norms()
-        f, phi_sum, active = self.activate(h, norms, add_bias=True)
-        if plan is not None and int(active.sum()) <= sparse_density_limit() * f.numel():
+        f, phi_sum, active = self.activate(h, norms, add_bias=True, plan=plan)  # the fused gate may fill the plan
+        if plan is not None and plan.pattern is None and int(active.sum()) <= sparse_density_limit() * f.numel():
             plan.pattern = ActivePattern.of(f)
-            plan.encoder_sparse = cfg.snapshots_per_dictionary == 1
-            x_hat = rearrange(SparseDecode.apply(f, self.W_D, self.b_D, plan.pattern),
+        if plan is not None and plan.pattern is not None:
+            x_hat = rearrange(SparseDecode.apply(f, self.W_D, self.b_D, plan),
                               "snapshot batch d_model -> snapshot d_model batch")
         else:
             x_hat = self.decode_batch_last(f)

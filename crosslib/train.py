@@ -25,10 +25,11 @@ steps): loss within 0.02%, explained variance within 0.002 and L0 within 0.4 of 
 `compile` (automatic for big runs) fuses the elementwise gate/penalty/error passes with torch.compile.
 
 Sparse products (CPU, automatic): once at most `crosslib.crosscoder.sparse_density_limit()` of f's
-entries are non-zero (6% with one thread, 3% with two), a step computes the decoder and the W_D
-gradient (and, for SAEs, the W_E gradient) over the active positions only, in fp32 accumulators; the
-encoder and ∂f stay dense. Same values as the dense products to rounding (tests/test_crosscoder.py);
-at d=128, F=2048 and L0 ≈ 24 an SAE step takes ~30% less time (benchmarks/bench_train.py).
+entries are non-zero (5% with one thread, 2.5% with two), a step computes the decoder, the W_D
+gradient (and, for SAEs, the W_E gradient), the penalty and most of the gate's gradients over the
+active positions only, in fp32 accumulators; the encoder and ∂f stay dense. Same values as the dense
+products to rounding (tests/test_crosscoder.py); at d=128, F=2048 and L0 ≈ 25 an SAE step takes
+about half the time (benchmarks/bench_train.py).
 
 Exact resume: batch k of the source is a pure function of (seed, k), the schedule is a function of
 the step, and a checkpoint holds the weights, Adam's state, the step, the metric history and the

@@ -93,7 +93,7 @@ def test_threshold_ste_gradient_matches_its_definition():
 
     # the fused kernel uses the same estimator (tanh_sum's gradient set to zero)
     h2, n2, t2 = (v.detach().clone().requires_grad_() for v in (h, norms, t))
-    f2, tanh_sum, active = JumpReLUTanh.apply(h2, torch.zeros(G, F), n2, t2, eps, 4.0, False)
+    f2, tanh_sum, active = JumpReLUTanh.apply(h2, torch.zeros(G, F), n2, t2, eps, 4.0, False, None)
     (f2 * w).sum().backward()
     assert torch.equal(f2, f.detach())
     assert torch.equal(active, (z > theta).sum(3, dtype=torch.int32))
