@@ -310,12 +310,17 @@ def _count_sparse_steps(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("S, independent", [(1, False), (3, True), (3, False)])
-def test_sparse_products_equal_the_dense_ones(S, independent, monkeypatch):
-    """Training's sparse decoder and W_E/W_D gradients compute the dense products' values (fp32: to rounding)."""
+@pytest.mark.parametrize("S, independent, compiled", [
+    (1, False, False), (3, True, False), (3, False, False),
+    pytest.param(1, False, True, marks=pytest.mark.skipif(
+        not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="no C++ compiler for torch.compile")),
+])
+def test_sparse_products_equal_the_dense_ones(S, independent, compiled, monkeypatch):
+    """Training's sparse gate, decoder and W_E/W_D gradients compute the dense passes' values (fp32: to rounding)."""
     import crosslib.crosscoder as cc
 
     m = _model(S=S, F=64, independent=independent)
+    m.compiled = compiled
     x = torch.randn(53, S, 8, generator=torch.Generator().manual_seed(4))
     m.sparse = False
     dense, dense_grads = _loss_and_grads(m, x)
