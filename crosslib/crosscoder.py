@@ -253,6 +253,9 @@ def _kernel(name: str, compiled: bool):
     if not compiled or _COMPILE_FAILED:
         return eager
     if name not in _COMPILED:
+        # one specialised compilation per shape: a notebook that trains SAEs and crosscoders of several
+        # sizes in one process needs more than dynamo's default 8 before it falls back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _COMPILED[name] = torch.compile(eager, dynamic=False)
     return _COMPILED[name]
 
@@ -714,8 +717,8 @@ class Crosscoder(nn.Module):
         if plan is not None and plan.pattern is None and int(active.sum()) <= sparse_density_limit() * f.numel():
             plan.pattern = ActivePattern.of(f)
         if plan is not None and plan.pattern is not None:
-            x_hat = rearrange(SparseDecode.apply(f, self.W_D, self.b_D, plan),
-                              "snapshot batch d_model -> snapshot d_model batch")
+            x_hat = rearrange(SparseDecode.apply(f, self.W_D, self.b_D, plan),  # (contiguous: one compiled
+                              "snapshot batch d_model -> snapshot d_model batch").contiguous()  # error kernel per shape)
         else:
             x_hat = self.decode_batch_last(f)
 
