@@ -520,23 +520,25 @@ class SparseDecode(torch.autograd.Function):
         values = plan.f_values  # f at the active positions, feature-major
         if values is None:
             values = f.reshape(-1).index_select(0, pattern.flat)
-        ctx.save_for_backward(values, W_D)
-        ctx.pattern, ctx.f_shape, ctx.f_dtype = pattern, f.shape, f.dtype
+        W_D_low = W_D.to(f.dtype)  # (bf16 under autocast; kept for ∂f)
+        ctx.save_for_backward(values, W_D_low)
+        ctx.pattern, ctx.f_shape, ctx.f_dtype, ctx.W_D_dtype = pattern, f.shape, f.dtype, W_D.dtype
         with torch.autocast(f.device.type, enabled=False):
-            x_hat = _bag_sum(W_D.to(f.dtype).reshape(S * F, d), pattern.token_feature, pattern.token_offsets,
+            x_hat = _bag_sum(W_D_low.reshape(S * F, d), pattern.token_feature, pattern.token_offsets,
                              values.index_select(0, pattern.token_order))
             return (x_hat.view(S, B, d) + b_D[:, None].to(f.dtype)).to(f.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        values, W_D = ctx.saved_tensors
+        values, W_D_low = ctx.saved_tensors
         pattern: ActivePattern = ctx.pattern
         S, F, B = ctx.f_shape
-        d = W_D.shape[-1]
+        d = W_D_low.shape[-1]
         grad = grad_x_hat.contiguous()  # [snapshot, batch, d_model]
         grad_W_D = _bag_sum(grad.float().view(S * B, d), pattern.row, pattern.feature_offsets, values.float())
-        grad_f = torch.bmm(W_D.to(grad.dtype), grad.transpose(1, 2))  # dense: [snapshot, feature, batch]
-        return grad_f.to(ctx.f_dtype), grad_W_D.view(S, F, d).to(W_D.dtype), grad.float().sum(1).to(W_D.dtype), None
+        grad_f = torch.bmm(W_D_low.to(grad.dtype), grad.transpose(1, 2))  # dense: [snapshot, feature, batch]
+        return (grad_f.to(ctx.f_dtype), grad_W_D.view(S, F, d).to(ctx.W_D_dtype), grad.float().sum(1).to(ctx.W_D_dtype),
+                None)
 
 
 class Encode(torch.autograd.Function):
