@@ -29,7 +29,8 @@ entries are non-zero (5% with one thread, 2.5% with two), a step computes the de
 gradient (and, for SAEs, the W_E gradient), the penalty and most of the gate's gradients over the
 active positions only, in fp32 accumulators; the encoder and ∂f stay dense. Same values as the dense
 products to rounding (tests/test_crosscoder.py); at d=128, F=2048 and L0 ≈ 25 an SAE step takes
-about half the time (benchmarks/bench_train.py).
+about half the time (benchmarks/bench_train.py). `crosslib.crosscoder.SPARSE_MAX_DENSITY = 0` turns
+them off.
 
 Exact resume: batch k of the source is a pure function of (seed, k), the schedule is a function of
 the step, and a checkpoint holds the weights, Adam's state, the step, the metric history and the
