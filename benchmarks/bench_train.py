@@ -1,7 +1,7 @@
 """Training throughput: our SAE vs sae-lens's JumpReLU trainer, our crosscoder over S = 4, 8, 16, and
 matmul efficiency against this machine's fp32 matmul speed — all measured side by side in one run.
 
-    .venv/bin/python benchmarks/bench_train.py                # ~4-6 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_train.py                # ~6 minutes on 2 cores
     .venv/bin/python benchmarks/bench_train.py --threads 0    # torch's default thread count
     .venv/bin/python benchmarks/bench_train.py --quick        # fewer steps (noisier)
 
@@ -32,6 +32,9 @@ fastest step (least disturbed by other processes on a shared machine). Headline 
 
     sae_vs_saelens: X               our S=1 SAE tokens/s (bf16 autocast, λ = 1) ÷ sae-lens JumpReLU SAE tokens/s (fp32, its default)
     crosscoder_matmul_efficiency: Y achieved matmul FLOP/s at S=8, dense products ÷ measured fp32 matmul FLOP/s
+
+at d_model = 128, dict_size = 2048, batch 2048, and the same two at the tiny preset's own shape
+(d_model = 128, dict_size = 512).
 
 Matmul FLOPs per training step (B tokens, S snapshots, d = d_model, F = dict_size), all products dense:
     forward:  encoder h = Σ_θ W_E^θ x^θ  [B, S·d] @ [S·d, F]        2·B·S·d·F
@@ -66,6 +69,7 @@ from crosslib.sources import TensorSource  # noqa: E402
 from crosslib.train import TrainConfig, train_crosscoder, tune_allocator  # noqa: E402
 
 D, F, B = 128, 2048, 2048
+TINY_DICT_SIZE = 512  # the tiny preset's dictionaries (its d_model is 128 too)
 
 
 def matmul_flops(dtype: torch.dtype, reps: int = 10) -> float:
@@ -148,10 +152,10 @@ class Run(NamedTuple):
 
 
 def ours(S: int, *, warm: int, timed: int, bf16: bool, sparse: bool = True, sparsity_coefficient: float = 1.0,
-         lr: float = 1e-3) -> Run:
+         lr: float = 1e-3, dict_size: int = F) -> Run:
     """Our training loop: `warm` untimed steps (compilation, and the SAE settling to its L0), then `timed` clocked ones."""
     source = ClockedSource(planted_source(S), warmup=warm)
-    model = CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=F)
+    model = CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=dict_size)
     config = TrainConfig(n_steps=warm + timed, batch_size=B, lr=lr, sparsity_coefficient=sparsity_coefficient,
                          log_every=timed, eval_rows=0, bf16=bf16, compile=True)
     saved, crosscoder.SPARSE_MAX_DENSITY = crosscoder.SPARSE_MAX_DENSITY, (crosscoder.SPARSE_MAX_DENSITY if sparse else 0.0)
@@ -164,7 +168,7 @@ def ours(S: int, *, warm: int, timed: int, bf16: bool, sparse: bool = True, spar
     return Run(*rates(times), sum(last["l0"]) / S, sum(last["explained_variance"]) / S)
 
 
-def saelens(steps: int, *, autocast: bool) -> tuple[float, float]:
+def saelens(steps: int, *, autocast: bool, dict_size: int = F) -> tuple[float, float]:
     """sae-lens's SAETrainer.fit, JumpReLU training SAE (tanh sparsity), same d, F, batch: tokens/s (median, fastest)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -173,7 +177,7 @@ def saelens(steps: int, *, autocast: bool) -> tuple[float, float]:
     source = planted_source(1)
     clock = Clock((x[:, 0] for x in source.batches(B, seed=0)), warmup=2)
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-        d_in=D, d_sae=F, jumprelu_sparsity_loss_mode="tanh", l0_coefficient=0.3, jumprelu_bandwidth=0.05,
+        d_in=D, d_sae=dict_size, jumprelu_sparsity_loss_mode="tanh", l0_coefficient=0.3, jumprelu_bandwidth=0.05,
         jumprelu_init_threshold=0.01, apply_b_dec_to_input=False))
     trainer = SAETrainer(SAETrainerConfig(
         total_training_samples=(steps + 3) * B, train_batch_size_samples=B, lr=1e-4, lr_end=1e-4 / 32,
@@ -251,12 +255,27 @@ def main() -> None:
     print(f"crosscoder S= 8 bf16, λ = 3, after {warm // 2} steps: {settled.median:6.0f} tok/s at L0 "
           f"{settled.l0:.1f} per snapshot (EV {settled.explained_variance:.3f}) = "
           f"{settled.median / cc[8].median:.2f}x the dense products")
+    print(f"the tiny preset's shape: d_model={D}, dict_size={TINY_DICT_SIZE} (batch {B}; ours at λ = 0.3)")
+    tiny_sl = saelens(sae_steps, autocast=False, dict_size=TINY_DICT_SIZE)
+    # λ = 0.3: with 512 features for 1024 planted directions, λ = 1 leaves L0 ≈ 6 and EV ≈ 0.03
+    tiny = ours(1, warm=warm, timed=timed, bf16=True, sparsity_coefficient=0.3, dict_size=TINY_DICT_SIZE)
+    tiny_dense = ours(1, warm=warm, timed=timed, bf16=True, sparse=False, sparsity_coefficient=0.3,
+                      dict_size=TINY_DICT_SIZE)
+    tiny_cc = ours(8, warm=cc_warm, timed=cc_timed, bf16=True, sparse=False, dict_size=TINY_DICT_SIZE)
+    tiny_efficiency = 10 * 8 * D * TINY_DICT_SIZE * tiny_cc.median / peak32
+    print(f"SAE S=1  sae-lens fp32: {tiny_sl[0]:7.0f}   ours bf16: {tiny.median:7.0f} at L0 {tiny.l0:.1f} "
+          f"({100 * tiny.l0 / TINY_DICT_SIZE:.1f}%), EV {tiny.explained_variance:.3f}   ours bf16, dense products: "
+          f"{tiny_dense.median:7.0f}")
+    print(f"crosscoder S= 8 bf16 dense: {tiny_cc.median:6.0f} tok/s = {tiny_efficiency:.2f} x fp32 matmul")
     print(f"load average at end {os.getloadavg()[0]:.1f} (other processes share these {os.cpu_count()} cores)")
     print("headlines use the median step; the fp32 matmul reference is its fastest repetition")
     print(f"sae_vs_saelens: {runs['bf16'].median / sl32[0]:.2f}   (ours with bf16 autocast at L0 {runs['bf16'].l0:.1f}, "
           f"vs sae-lens's default fp32; same-precision and L0 ratios above)")
     print(f"crosscoder_matmul_efficiency: {10 * 8 * D * F * cc[8].median / peak32:.2f}   (S=8, bf16 autocast, dense "
           f"products, vs fp32 matmul; fastest step: {10 * 8 * D * F * cc[8].fastest / peak32:.2f})")
+    print(f"sae_vs_saelens at the tiny preset's dict_size={TINY_DICT_SIZE}: {tiny.median / tiny_sl[0]:.2f}   "
+          f"(L0 {tiny.l0:.1f}; dense products {tiny_dense.median / tiny_sl[0]:.2f})")
+    print(f"crosscoder_matmul_efficiency at the tiny preset's dict_size={TINY_DICT_SIZE}: {tiny_efficiency:.2f}")
 
 
 if __name__ == "__main__":

@@ -535,9 +535,10 @@ class SparseDecode(torch.autograd.Function):
         S, F, B = ctx.f_shape
         d = W_D_low.shape[-1]
         grad = grad_x_hat.contiguous()  # [snapshot, batch, d_model]
-        grad_W_D = _bag_sum(grad.float().view(S * B, d), pattern.row, pattern.feature_offsets, values.float())
+        grad_32 = grad.float()
+        grad_W_D = _bag_sum(grad_32.view(S * B, d), pattern.row, pattern.feature_offsets, values.float())
         grad_f = torch.bmm(W_D_low.to(grad.dtype), grad.transpose(1, 2))  # dense: [snapshot, feature, batch]
-        return (grad_f.to(ctx.f_dtype), grad_W_D.view(S, F, d).to(ctx.W_D_dtype), grad.float().sum(1).to(ctx.W_D_dtype),
+        return (grad_f.to(ctx.f_dtype), grad_W_D.view(S, F, d).to(ctx.W_D_dtype), grad_32.sum(1).to(ctx.W_D_dtype),
                 None)
 
 

@@ -239,10 +239,10 @@ class TensorSource:
                 parts.append(permutation(epoch)[offset: offset + take])
                 position += take
             index = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if normalise:
-                yield self._normalised_data()[index].to(device=device, dtype=dtype)
+            if normalise:  # (index_select: the same rows as [index], ~5x faster on CPU)
+                yield self._normalised_data().index_select(0, index).to(device=device, dtype=dtype)
             else:
-                yield self._finish(self._data[index], False, device, dtype)
+                yield self._finish(self._data.index_select(0, index), False, device, dtype)
             k += 1
 
     def rows(
