@@ -374,11 +374,11 @@ def _chunks(n_features: int, elements_per_feature: int) -> list[slice]:
 # no exp), and the penalty's tanh, its gradients and the open positions' part run over the active ones.
 # The bookkeeping (finding and sorting the active positions) runs on one core while the dense matmuls
 # use every thread, so the density below which all this pays shrinks with the thread count. Measured
-# per step at d=128, F=2048, batch 2048 (tokens), the break-even is ~7% (SAE) and ~4.5% (8-snapshot
-# crosscoder) with one thread, ~3% for both with two; at 1% density a step is 1.8x (SAE) and 1.7x
-# (crosscoder) faster with one thread, 1.6x and 1.25x with two.
+# per step (batch 2048 tokens, d=128, one thread), the break-even is ~7% (SAE) and ~4.5% (8-snapshot
+# crosscoder) at F=2048, ~4% and ~3% at F=512; with two threads ~3% at F=2048. At 1% density a step
+# is 1.8x (SAE) and 1.7x (crosscoder) faster at F=2048 with one thread, 1.6x and 1.25x with two.
 
-SPARSE_MAX_DENSITY = 0.05  # with one thread: f's largest fraction of non-zero entries for the sparse products
+SPARSE_MAX_DENSITY = 0.035  # with one thread: f's largest fraction of non-zero entries for the sparse products
 
 
 def sparse_density_limit() -> float:

@@ -25,7 +25,7 @@ steps): loss within 0.02%, explained variance within 0.002 and L0 within 0.4 of 
 `compile` (automatic for big runs) fuses the elementwise gate/penalty/error passes with torch.compile.
 
 Sparse products (CPU, automatic): once at most `crosslib.crosscoder.sparse_density_limit()` of f's
-entries are non-zero (5% with one thread, 2.5% with two), a step computes the decoder, the W_D
+entries are non-zero (3.5% with one thread, 1.75% with two), a step computes the decoder, the W_D
 gradient (and, for SAEs, the W_E gradient), the penalty and most of the gate's gradients over the
 active positions only, in fp32 accumulators; the encoder and ∂f stay dense. Same values as the dense
 products to rounding (tests/test_crosscoder.py); at d=128, F=2048 and L0 ≈ 25 an SAE step takes
