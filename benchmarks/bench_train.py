@@ -223,7 +223,7 @@ def main() -> None:
     peak32, peak16 = matmul_flops(torch.float32), matmul_flops(torch.bfloat16)
     print(f"fp32 matmul: {peak32 / 1e9:.1f} GFLOP/s   bf16 matmul: {peak16 / 1e9:.1f} GFLOP/s")
 
-    # the headline's two measurements are the better of two runs each, interleaved: other processes on a
+    # the headline's two measurements are the better of two runs each: other processes on a
     # shared machine can slow a whole 40-step window, never speed it up
     sl32 = max(saelens(sae_steps, autocast=False), saelens(sae_steps, autocast=False))
     sl16 = saelens(sae_steps, autocast=True)
