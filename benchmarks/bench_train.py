@@ -138,6 +138,11 @@ class ClockedSource:
         return self.source.select(*a, **kw)
 
 
+def matmul_flops_per_token(S: int, dict_size: int = F) -> int:
+    """The five products' FLOPs per token of a training step (see the module docstring)."""
+    return 10 * S * D * dict_size
+
+
 def rates(times: list[float]) -> tuple[float, float]:
     """(tokens/s of the median step, tokens/s of the fastest step)."""
     times = sorted(times)
@@ -246,13 +251,13 @@ def main() -> None:
     cc = {}
     for S in (4, 8, 16):
         cc[S] = ours(S, warm=cc_warm, timed=cc_timed, bf16=True, sparse=False)
-        flops = [10 * S * D * F * r for r in cc[S][:2]]
+        flops = [matmul_flops_per_token(S) * r for r in cc[S][:2]]
         print(f"crosscoder S={S:2d} bf16 dense: {cc[S].median:6.0f} {cc[S].fastest:6.0f} tok/s  {flops[0] / 1e9:6.1f} "
               f"{flops[1] / 1e9:6.1f} GFLOP/s = {flops[0] / peak32:.2f} {flops[1] / peak32:.2f} x fp32 matmul")
     fp32_s8 = ours(8, warm=cc_warm, timed=cc_timed, bf16=False, sparse=False)
-    print(f"crosscoder S= 8 fp32 dense: {fp32_s8.median:6.0f} {fp32_s8.fastest:6.0f} tok/s  "
-          f"{10 * 8 * D * F * fp32_s8.median / 1e9:6.1f} {10 * 8 * D * F * fp32_s8.fastest / 1e9:6.1f} GFLOP/s = "
-          f"{10 * 8 * D * F * fp32_s8.median / peak32:.2f} {10 * 8 * D * F * fp32_s8.fastest / peak32:.2f} x fp32 matmul")
+    flops = [matmul_flops_per_token(8) * r for r in fp32_s8[:2]]
+    print(f"crosscoder S= 8 fp32 dense: {fp32_s8.median:6.0f} {fp32_s8.fastest:6.0f} tok/s  {flops[0] / 1e9:6.1f} "
+          f"{flops[1] / 1e9:6.1f} GFLOP/s = {flops[0] / peak32:.2f} {flops[1] / peak32:.2f} x fp32 matmul")
     print(f"time per token S=16 vs S=4: {cc[4].median / cc[16].median:.2f}x (median), "
           f"{cc[4].fastest / cc[16].fastest:.2f}x (fastest) for 4x the snapshots")
     settled = ours(8, warm=warm // 2, timed=timed // 2, bf16=True, sparsity_coefficient=3.0)
@@ -267,7 +272,7 @@ def main() -> None:
     tiny_dense = ours(1, warm=warm, timed=timed, bf16=True, sparse=False, sparsity_coefficient=0.3,
                       dict_size=TINY_DICT_SIZE)
     tiny_cc = ours(8, warm=cc_warm, timed=cc_timed, bf16=True, sparse=False, dict_size=TINY_DICT_SIZE)
-    tiny_efficiency = 10 * 8 * D * TINY_DICT_SIZE * tiny_cc.median / peak32
+    tiny_efficiency = matmul_flops_per_token(8, TINY_DICT_SIZE) * tiny_cc.median / peak32
     print(f"SAE S=1  sae-lens fp32: {tiny_sl[0]:7.0f}   ours bf16: {tiny.median:7.0f} at L0 {tiny.l0:.1f} "
           f"({100 * tiny.l0 / TINY_DICT_SIZE:.1f}%), EV {tiny.explained_variance:.3f}   ours bf16, dense products: "
           f"{tiny_dense.median:7.0f}")
@@ -277,8 +282,8 @@ def main() -> None:
           "the fp32 matmul reference is its fastest repetition")
     print(f"sae_vs_saelens: {runs['bf16'].median / sl32[0]:.2f}   (ours with bf16 autocast at L0 {runs['bf16'].l0:.1f}, "
           f"vs sae-lens's default fp32; same-precision and L0 ratios above)")
-    print(f"crosscoder_matmul_efficiency: {10 * 8 * D * F * cc[8].median / peak32:.2f}   (S=8, bf16 autocast, dense "
-          f"products, vs fp32 matmul; fastest step: {10 * 8 * D * F * cc[8].fastest / peak32:.2f})")
+    print(f"crosscoder_matmul_efficiency: {matmul_flops_per_token(8) * cc[8].median / peak32:.2f}   (S=8, bf16 "
+          f"autocast, dense products, vs fp32 matmul; fastest step: {matmul_flops_per_token(8) * cc[8].fastest / peak32:.2f})")
     print(f"sae_vs_saelens at the tiny preset's dict_size={TINY_DICT_SIZE}: {tiny.median / tiny_sl[0]:.2f}   "
           f"(L0 {tiny.l0:.1f}; dense products {tiny_dense.median / tiny_sl[0]:.2f})")
     print(f"crosscoder_matmul_efficiency at the tiny preset's dict_size={TINY_DICT_SIZE}: {tiny_efficiency:.2f}")

@@ -297,7 +297,7 @@ class JumpReLUTanh(torch.autograd.Function):
             active = torch.empty(norms.shape, dtype=torch.int32, device=h.device)
             for i in _chunks(F, norms.shape[1] * B):
                 f[:, :, i], active[:, :, i] = _gate_forward(h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i])
-        ctx.plan = plan if plan is not None and int(active.sum()) <= sparse_density_limit() * f.numel() else None
+        ctx.plan = plan if plan is not None and _sparse_enough(active, f) else None
         if ctx.plan is not None:
             plan.pattern = ActivePattern.of(f.view(-1, F, B))
             plan.active_values = h4, n, _, _ = _active_values(h, bias, norms, plan.pattern)
@@ -386,6 +386,11 @@ def sparse_density_limit() -> float:
     return SPARSE_MAX_DENSITY / max(1, torch.get_num_threads())
 
 
+def _sparse_enough(active: Tensor, f: Tensor) -> bool:
+    """Whether f, with `active` non-zero entries per (snapshot, feature), is for the sparse products."""
+    return int(active.sum()) <= sparse_density_limit() * f.numel()
+
+
 class ActivePattern(NamedTuple):
     """Where f [snapshot, feature, batch] is non-zero, indexed for the sparse products (nnz positions)."""
 
@@ -420,8 +425,9 @@ def _offsets(sorted_keys: Tensor, n: int) -> Tensor:
     return counts.cumsum(0) - counts
 
 
-def _bag_sum(table: Tensor, index: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
-    """out[k] = Σ_{j in bag k} weights[j] · table[index[j]] (bags are consecutive runs starting at `offsets`)."""
+def _bag_sum(table: Tensor, index: Tensor, offsets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """out[k] = Σ_{j in bag k} weights[j] · table[index[j]] (bags are consecutive runs starting at `offsets`;
+    no weights: 1)."""
     return nn.functional.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
 
 
@@ -434,8 +440,7 @@ def _feature_sums(columns: list[Tensor], pattern: ActivePattern) -> Tensor:
     """Σ over each (snapshot, feature)'s active positions of each column [snapshot·feature, column]: one bag
     sum over the feature-major runs (~4x faster than a scatter-add per column)."""
     table = torch.stack([c.float() for c in columns], dim=1)
-    index = torch.arange(table.shape[0], device=table.device)
-    return nn.functional.embedding_bag(index, table, pattern.feature_offsets, mode="sum")
+    return _bag_sum(table, torch.arange(table.shape[0], device=table.device), pattern.feature_offsets)
 
 
 def _active_values(h: Tensor, bias: Tensor, norms: Tensor, pattern: ActivePattern
@@ -480,8 +485,9 @@ def _sparse_gate_backward(h: Tensor, bias: Tensor, norms: Tensor, log_threshold:
     g = grad_f.reshape(-1).index_select(0, pattern.flat).float() + slope * sech2 * n  # ∂L/∂f where open
     threshold = log_threshold.float().exp().reshape(-1).index_select(0, dictionary_feature)
     in_window = (z - threshold).abs() < bandwidth / 2
-    # open positions in the window: the shut pass used slope·n for the penalty's part of ∂L/∂f, it is slope·sech²·n
-    correction = torch.where(in_window, slope * (sech2 - 1) * n * (-(threshold * threshold) / (bandwidth * n)), 0.0)
+    # open positions in the window: the shut pass used slope·n for the penalty's part of ∂L/∂f, it is slope·sech²·n;
+    # times ∂f/∂t = −θ²/(ε n) that is a difference of −slope·(sech² − 1)·θ²/ε
+    correction = torch.where(in_window, -slope * (sech2 - 1) * threshold * threshold / bandwidth, 0.0)
     sums = _feature_sums([correction, slope * sech2 * h_plus_bias, g], pattern).view(G, -1, F, 3)
     grad_t = grad_t + sums[..., 0].sum(1)  # the dictionary's snapshots share b_E and t
     grad_norms = sums[..., 1].view(norms.shape)
@@ -717,7 +723,7 @@ class Crosscoder(nn.Module):
         h = self.encoder_sum(x, parallel=parallel, plan=plan)  # Σ_θ W_E^θ x̃^θ; b_E is added inside activate()
         norms = self.decoder_norms()
         f, phi_sum, active = self.activate(h, norms, add_bias=True, plan=plan)  # the fused gate may fill the plan
-        if plan is not None and plan.pattern is None and int(active.sum()) <= sparse_density_limit() * f.numel():
+        if plan is not None and plan.pattern is None and _sparse_enough(active, f):
             plan.pattern = ActivePattern.of(f)
         if plan is not None and plan.pattern is not None:
             x_hat = rearrange(SparseDecode.apply(f, self.W_D, self.b_D, plan),  # (contiguous: one compiled
