@@ -447,27 +447,72 @@ def ensure_mathjax(book_dir: str | os.PathLike, log: Log = print) -> Path:
     return target
 
 
+OUT_MANIFEST = ".crosslib-out.json"  # inside an --out directory: marks it as ours, lists what was mirrored
+
+
+def _read_manifest(out: Path) -> set[Path] | None:
+    """The source files an earlier run mirrored into `out`, or None when `out` is not our output."""
+    try:
+        data = json.loads((out / OUT_MANIFEST).read_text())
+        return {Path(p) for p in data["mirrored"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_out_dir(out: Path, book_dir: Path) -> None:
+    """Refuse an `--out` that is not ours to write, before anything runs.
+
+    Allowed: the book directory itself, a directory that does not exist or is empty, or one that an
+    earlier `crosslib book --out` wrote (it holds the manifest). Anything else holds someone's
+    files, and mirroring the book there could replace or delete them.
+    """
+    if out == book_dir:
+        return
+    if out in book_dir.parents or book_dir in out.parents:
+        raise ParameterError(f"--out {out} is not allowed: it must lie outside the book's sources ({book_dir}) and not contain them")
+    if out.exists() and not out.is_dir():
+        raise ParameterError(f"--out {out} is not allowed: it is a file, not a directory")
+    try:
+        if out.is_dir() and any(out.iterdir()) and _read_manifest(out) is None:
+            raise ParameterError(
+                f"--out {out} is not allowed: the directory is not empty and was not written by `crosslib book` "
+                f"(no {OUT_MANIFEST}); give a new or empty directory"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".crosslib-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ParameterError(f"--out {out} is not allowed: cannot write there ({e.strerror or e})") from None
+
+
 def sync_sources(src: Path, dst: Path) -> None:
-    """Mirror the book's sources (not its executed chapters or builds) from `src` into `dst`."""
+    """Mirror the book's sources (not its executed chapters or builds) from `src` into `dst`.
+
+    Only files that an earlier mirror wrote (listed in `dst`'s manifest) are ever removed: a file
+    this function did not put there is never deleted.
+    """
     skip_top = {BUILD_DIR, CHAPTER_DIR}
+    previous = _read_manifest(dst) or set()
     wanted: set[Path] = set()
     for path in src.rglob("*"):
         rel = path.relative_to(src)
         if rel.parts[0] in skip_top or any(p.startswith(".") for p in rel.parts) or not path.is_file():
             continue
         wanted.add(rel)
-        out = dst / rel
+    # The manifest lists the union first, so a run killed mid-copy still owns what it copied.
+    atomic_write_json(dst / OUT_MANIFEST, {"mirrored": sorted(str(p) for p in wanted | previous)})
+    for rel in wanted:
+        path, out = src / rel, dst / rel
         st = path.stat()
         if out.is_file() and out.stat().st_size == st.st_size and out.stat().st_mtime_ns == st.st_mtime_ns:
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, out)
-    for path in list(dst.rglob("*")):
-        rel = path.relative_to(dst)
-        if rel.parts[0] in skip_top or any(p.startswith(".") for p in rel.parts):
-            continue
-        if path.is_file() and rel not in wanted:
-            path.unlink()
+    for rel in previous - wanted:
+        with contextlib.suppress(FileNotFoundError):
+            (dst / rel).unlink()
+    atomic_write_json(dst / OUT_MANIFEST, {"mirrored": sorted(str(p) for p in wanted)})
 
 
 # --------------------------------------------------------------------------- html
@@ -642,6 +687,7 @@ def build_book(
         preset, overrides, chapters, book_dir=book_dir, notebook_dir=notebook_dir,
         preset_dir=preset_dir, out_dir=out, force=force,
     )
+    check_out_dir(out, book_dir)
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
     with locked(out / BUILD_DIR / ".crosslib-book.lock", message=f"waiting for another `crosslib book` using {out}"):
         if html:

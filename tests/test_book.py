@@ -311,3 +311,66 @@ def test_code_hash_covers_the_package(tmp_path):
     (pkg / "sub" / "b.py").write_text("y = 2\n")
     assert book.code_hash(pkg) != before
     assert json.dumps(book.code_hash())  # the real package hashes
+
+
+# --------------------------------------------------------------------------- --out never destroys files
+
+
+def _out_args(book_dir: Path, nb_dir: Path, out: Path | str, *extra: str) -> list[str]:
+    return ["book", "--book-dir", str(book_dir), "--notebook-dir", str(nb_dir), "--out", str(out), "--no-html", *extra]
+
+
+def test_out_refuses_a_directory_with_files_it_did_not_write(tmp_path, capsys):
+    book_dir, nb_dir = make_project(tmp_path / "p", {"01_a": ("n = 1", "print(n)")})
+    out = tmp_path / "thesis"
+    (out / "sub").mkdir(parents=True)
+    (out / "thesis.txt").write_text("three years of work")
+    (out / "sub" / "results.csv").write_text("a,b\n1,2\n")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    # a good run and one with a bad parameter: both refused, nothing touched
+    for extra in ([], ["-p", "nope=1"]):
+        assert main(_out_args(book_dir, nb_dir, out, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+    assert "not empty and was not written by `crosslib book`" in err or "unknown parameter" in err
+    assert main(_out_args(book_dir, nb_dir, out)) == 2
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "thesis.txt").read_text() == "three years of work"
+
+
+def test_out_refuses_a_project_checkout_and_the_book_itself_or_its_parent(tmp_path, capsys):
+    book_dir, nb_dir = make_project(tmp_path / "p", {"01_a": ("n = 1", "print(n)")})
+    tracked = sorted(p for p in (tmp_path / "p").rglob("*"))
+    for out in (tmp_path / "p", book_dir / "sub"):  # contains the sources / lies inside them
+        assert main(_out_args(book_dir, nb_dir, out)) == 2
+        assert "must lie outside the book's sources" in capsys.readouterr().err
+    assert sorted(p for p in (tmp_path / "p").rglob("*")) == tracked
+
+
+@pytest.mark.parametrize("where", ["/proc/crosslib-out", "file/sub"])
+def test_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys, where):
+    book_dir, nb_dir = make_project(tmp_path / "p", {"01_a": ("n = 1", "print(n)")})
+    (tmp_path / "file").write_text("a plain file")
+    out = where if where.startswith("/") else tmp_path / where
+    assert main(_out_args(book_dir, nb_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "a plain file"
+
+
+def test_out_mirror_removes_only_what_it_wrote(tmp_path):
+    book_dir, nb_dir = make_project(tmp_path / "p", {})
+    (book_dir / "extra.md").write_text("# extra\n")
+    out = tmp_path / "out"
+    book.check_out_dir(out, book_dir)  # a new directory is fine and gets created
+    book.sync_sources(book_dir, out)
+    assert (out / "extra.md").is_file() and (out / book.OUT_MANIFEST).is_file()
+    (out / "notes.txt").write_text("the user's own note, added later")
+    book.check_out_dir(out, book_dir)  # our own output stays usable, even with a user's file in it
+    (book_dir / "extra.md").unlink()
+    book.sync_sources(book_dir, out)
+    assert not (out / "extra.md").exists()  # ours and no longer in the sources: removed
+    assert (out / "notes.txt").read_text() == "the user's own note, added later"  # never ours: kept
+    assert (out / "intro.md").is_file()
