@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Iterator, Sequence
 
@@ -126,6 +127,17 @@ def _base(model: Any) -> Any:
 # --------------------------------------------------------------------------- truncated forward
 
 
+@functools.cache
+def _cache_argument() -> str:
+    """The name `create_causal_mask` takes the KV cache under: `cache` since transformers 5.x renamed
+    `past_key_values` (deprecated, removed in 5.40); read from the signature so either version works."""
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
 class _Stop(Exception):
     """Raised from a forward hook to abort the model once the activation is captured."""
 
@@ -143,8 +155,8 @@ def _truncated(base: Any, point: HookPoint, input_ids: Tensor, attention_mask: T
         config=base.config,
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
-        past_key_values=None,
         position_ids=position_ids,
+        **{_cache_argument(): None},
     )
     hidden = base.emb_dropout(inputs_embeds)
     position_embeddings = base.rotary_emb(hidden, position_ids=position_ids)

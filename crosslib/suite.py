@@ -31,7 +31,7 @@ from crosslib.artifacts import atomic_write_json, atomic_write_text, build_artif
 from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
 from crosslib.constants import pythia_schedule
 from crosslib.corpus import CorpusConfig, load_corpus
-from crosslib.snapshots import CHECKSUMS_FILE, is_local_suite, list_steps, step_dir
+from crosslib.snapshots import CHECKSUMS_FILE, check_distinct_snapshots, is_local_suite, list_steps, step_dir
 from crosslib.tokenizer import encode_documents, train_tokenizer
 
 SUITE_FILE = "suite.json"
@@ -403,9 +403,77 @@ def token_windows(tokens: np.ndarray, n_windows: int, context_length: int, seed:
     return np.stack([tokens[i * context_length : (i + 1) * context_length] for i in chosen]).astype(np.int64)
 
 
-def iter_steps(suite: str | os.PathLike, steps: list[int] | None = None) -> Iterator[int]:
+def iter_steps(suite: str | os.PathLike, steps: list[int] | None = None, *,
+               on_duplicate: str | None = None) -> Iterator[int]:
+    """The requested steps of `suite` (default: all), checked to exist and to be distinct snapshots.
+
+    Two steps with an identical weight file are refused, or only warned about with
+    `on_duplicate="warn"` (see `crosslib.snapshots.check_distinct_snapshots`).
+    """
     available = list_steps(suite)
-    for step in steps if steps is not None else available:
+    chosen = list(steps if steps is not None else available)
+    for step in chosen:
         if step not in available:
             raise ParameterError(f"steps contains {step!r}, which suite {str(suite)!r} lacks: available {available}")
-        yield step
+    check_distinct_snapshots(suite, chosen, on_duplicate=on_duplicate)
+    yield from chosen
+
+
+# Documents read from a streamed `hf:` corpus given by name alone (pass a mapping to choose).
+HF_DEFAULT_DOCUMENTS = 50_000
+
+
+def as_corpus_config(corpus: "str | dict[str, Any] | CorpusConfig | None") -> CorpusConfig | None:
+    """A chapter's `corpus` parameter → a `CorpusConfig` (None: the suite's own corpus, Brown for others).
+
+    Accepts a registry corpus name (``"brown"``, ``"sotu"``, ``"kjv"``), a local ``.txt``/``.jsonl``
+    file or folder of ``.txt`` files, ``"hf:<dataset>"`` (streamed; its first
+    `HF_DEFAULT_DOCUMENTS` documents), or a mapping of `CorpusConfig` fields such as
+    ``{"source": "hf:monology/pile-uncopyrighted", "max_documents": 200000}``.
+    """
+    if corpus is None or isinstance(corpus, CorpusConfig):
+        return corpus
+    allowed = ("None (the suite's own corpus), a registry corpus ('brown', 'sotu', 'kjv'), a local .txt/.jsonl "
+               "file or folder, 'hf:<dataset>', or a mapping of CorpusConfig fields")
+    if isinstance(corpus, str):
+        fields: dict[str, Any] = {"source": corpus}
+        if corpus.startswith("hf:"):
+            fields["max_documents"] = HF_DEFAULT_DOCUMENTS
+    elif isinstance(corpus, dict):
+        fields = dict(corpus)
+        unknown = sorted(set(fields) - set(CorpusConfig.field_names()))
+        require(not unknown, "corpus", corpus, f"a mapping with fields from {CorpusConfig.field_names()}")
+        if str(fields.get("source", "")).startswith("hf:"):
+            fields.setdefault("max_documents", HF_DEFAULT_DOCUMENTS)
+    else:
+        raise ParameterError(f"corpus={corpus!r} is not allowed: use {allowed}")
+    try:
+        return CorpusConfig(**fields)
+    except ParameterError as e:
+        raise ParameterError(f"corpus={corpus!r} is not allowed ({e})") from None
+
+
+def corpus_name(suite: str | os.PathLike, corpus: CorpusConfig | None) -> str:
+    """How messages name the corpus a suite's token streams come from."""
+    own = suite_config(suite) if corpus is None else None
+    return f"corpus {(corpus or (own.corpus if own else CorpusConfig())).source!r}"
+
+
+def windows_for_tokens(tokens: np.ndarray, n_tokens: int, context_length: int, seed: int = 0, *,
+                       split: str = "heldout", corpus_name: str = "the suite's corpus") -> np.ndarray:
+    """`n_tokens // context_length` seeded random windows of a split, or one error naming `n_tokens`
+    that says how many tokens the split holds and how to get more."""
+    n_windows = n_tokens // context_length
+    if n_windows < 2:
+        raise ParameterError(f"n_tokens={n_tokens} is not allowed: at least two windows of {context_length} tokens "
+                             f"({2 * context_length} tokens)")
+    available = len(tokens) // context_length
+    if n_windows > available:
+        other = "'train'" if split == "heldout" else "'heldout'"
+        raise ParameterError(
+            f"n_tokens={n_tokens:,} is not allowed: the {split!r} split of {corpus_name} holds {len(tokens):,} "
+            f"tokens ({available:,} windows of {context_length}), so at most n_tokens={available * context_length:,}. "
+            f"Use a larger corpus (corpus='hf:monology/pile-uncopyrighted' streamed, or a local .jsonl/.txt file or "
+            f"folder), the other split (split={other}), or fewer tokens"
+        )
+    return token_windows(tokens, n_windows, context_length, seed)

@@ -197,3 +197,13 @@ def test_record_hooks_keeps_gradients(model, ids):
     assert grad is not None and grad.abs().sum() > 0
     assert set(acts) == {"blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"}
     model.zero_grad(set_to_none=True)
+
+
+def test_truncated_capture_uses_no_deprecated_argument(model, ids):
+    """transformers 5.40 removes `past_key_values` from create_causal_mask: capture must not pass it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with torch.no_grad():
+            capture(model, "blocks.1.hook_resid_post", ids, method="truncate")

@@ -231,3 +231,114 @@ def test_token_streams_for_another_corpus_use_the_suite_tokenizer(micro_suite, t
     assert windows.shape == (5, 16)
     with pytest.raises(ParameterError, match="n_windows=100000 .*at most"):
         token_windows(own["heldout"], 100000, 16)
+
+
+def foreign_suite(micro_suite: Path, out: Path, steps: dict[int, int], *, tokenizer: str | None = "shared") -> Path:
+    """A suite as another tool writes it: `save_pretrained` weights only (no checksums), steps[new] = micro step.
+
+    tokenizer: "shared" puts it in <suite>/tokenizer/, "per-step" in every step folder, None nowhere.
+    """
+    for new, old in steps.items():
+        model, tok = load_snapshot(micro_suite, old)
+        model.save_pretrained(step_dir(out, new))
+        if tokenizer == "per-step":
+            tok.save_pretrained(step_dir(out, new))
+    if tokenizer == "shared":
+        tok.save_pretrained(out / "tokenizer")
+    return out
+
+
+def test_missing_tokenizer_has_its_own_error_naming_where_it_looked(micro_suite, tmp_path):
+    from crosslib.snapshots import TokenizerNotFoundError, load_tokenizer
+
+    suite = foreign_suite(micro_suite, tmp_path / "suite", {0: 0, 8: 8}, tokenizer=None)
+    with pytest.raises(TokenizerNotFoundError, match=r"no tokenizer for .*@step8: looked for tokenizer.json or "
+                       r"tokenizer_config.json in .*/step8/ and .*/suite/tokenizer/"):
+        load_snapshot(suite, 8)
+    model, _ = load_snapshot(suite, 8, with_tokenizer=False)  # the weights themselves are fine
+    # One tokenizer folder serves every step.
+    load_tokenizer(micro_suite).save_pretrained(suite / "tokenizer")
+    for step in (0, 8):
+        _, tokenizer = load_snapshot(suite, step)
+        assert tokenizer("a red house")["input_ids"] == load_tokenizer(micro_suite)("a red house")["input_ids"]
+
+
+def test_foreign_weights_are_hashed_once_and_remembered(micro_suite, tmp_path, monkeypatch):
+    import crosslib.snapshots as snapshots
+
+    suite = foreign_suite(micro_suite, tmp_path / "suite", {0: 0, 4: 4})
+    folder = step_dir(suite, 4)
+    assert not (folder / "checksums.json").exists()
+    hashed = []
+    real_sha256 = snapshots.sha256_file
+    monkeypatch.setattr(snapshots, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    first = snapshots.local_checksums(folder)
+    assert "model.safetensors" in hashed and (folder / "checksums.json").is_file()
+    hashed.clear()
+    load_snapshot(suite, 4, with_tokenizer=False)
+    assert snapshots.local_checksums(folder) == first and hashed == []  # size + mtime unchanged: no hashing
+    # A changed file is re-hashed (only it) and no longer matches what was recorded.
+    weights_file = folder / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[-10] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="step4: model.safetensors does not match its checksum"):
+        load_snapshot(suite, 4, with_tokenizer=False)
+    assert hashed == ["model.safetensors"]
+
+
+def test_context_length_comes_from_the_config_without_weights(micro_suite, tmp_path):
+    from crosslib.snapshots import context_length
+
+    suite = tmp_path / "suite"
+    shutil.copytree(step_dir(micro_suite, 8), step_dir(suite, 8))
+    (step_dir(suite, 8) / "model.safetensors").unlink()  # a config alone is enough
+    assert context_length(suite, 8) == 16
+    assert context_length(suite, 8, at_most=8) == 8
+
+
+def test_duplicated_revisions_are_refused_naming_them(micro_suite, tmp_path, monkeypatch):
+    """Two steps that are byte copies (as on some published Pythia branches) are refused, or warned about."""
+    from crosslib.snapshots import DuplicateSnapshotError
+    from crosslib.suite import iter_steps
+
+    suite = foreign_suite(micro_suite, tmp_path / "suite", {0: 0, 1000: 12, 143000: 12})
+    with pytest.raises(DuplicateSnapshotError, match=r"step1000 and step143000 \(model.safetensors\)"):
+        list(iter_steps(suite))
+    with pytest.raises(DuplicateSnapshotError):
+        list(iter_steps(suite, [1000, 143000]))
+    assert list(iter_steps(suite, [0, 1000])) == [0, 1000]  # distinct steps pass
+    with pytest.warns(UserWarning, match="step1000 and step143000"):
+        assert list(iter_steps(suite, on_duplicate="warn")) == [0, 1000, 143000]
+    monkeypatch.setenv("CROSSLIB_ON_DUPLICATE_SNAPSHOTS", "warn")
+    with pytest.warns(UserWarning, match="identical weights"):
+        list(iter_steps(suite))
+    monkeypatch.setenv("CROSSLIB_ON_DUPLICATE_SNAPSHOTS", "sometimes")
+    with pytest.raises(ParameterError, match="on_duplicate='sometimes'"):
+        list(iter_steps(suite))
+    monkeypatch.delenv("CROSSLIB_ON_DUPLICATE_SNAPSHOTS")
+    # The crosslib suite's own snapshots are all distinct.
+    assert list(iter_steps(micro_suite)) == list_steps(micro_suite)
+
+
+def test_too_small_split_names_n_tokens_and_suggests_a_larger_corpus(micro_suite):
+    import numpy as np
+
+    from crosslib.suite import as_corpus_config, windows_for_tokens
+
+    stream = np.arange(1000) % 50
+    assert windows_for_tokens(stream, 160, 16).shape == (10, 16)
+    with pytest.raises(ParameterError, match=r"n_tokens=100,000 is not allowed: the 'heldout' split of corpus "
+                       r"'brown' holds 1,000 tokens \(62 windows of 16\), so at most n_tokens=992. Use a larger corpus "
+                       r"\(corpus='hf:"):
+        windows_for_tokens(stream, 100_000, 16, corpus_name="corpus 'brown'")
+    assert as_corpus_config(None) is None
+    assert as_corpus_config("kjv").source == "kjv"
+    assert as_corpus_config("hf:monology/pile-uncopyrighted").max_documents > 0
+    assert as_corpus_config({"source": "hf:x", "max_documents": 10}).max_documents == 10
+    with pytest.raises(ParameterError, match="corpus='no/such/file.txt' is not allowed"):
+        as_corpus_config("no/such/file.txt")
+    with pytest.raises(ParameterError, match="corpus=3 is not allowed"):
+        as_corpus_config(3)
+    with pytest.raises(ParameterError, match="corpus=.*fields from"):
+        as_corpus_config({"sauce": "brown"})
