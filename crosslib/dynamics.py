@@ -16,26 +16,44 @@ For each snapshot we measure, on held-out text:
 
 The corpus n-gram models are estimated on the training split, with the bigram interpolated with
 the unigram (Dirichlet smoothing) so that unseen pairs keep probability.
+
+Memory is bounded by design: the model's hidden states (small) are projected onto the vocabulary in
+blocks of at most `BLOCK_ELEMENTS` (position × vocabulary) numbers, and the bigram KL is computed from
+the sparse bigram counts, never from dense [position, vocabulary] bigram rows. With smoothed bigram
+p(v | a) = (c(a, v) + s u(v)) / (n(a) + s), its KL to the model's q splits into
+
+    Σ_v p log p  (one number per previous token a, from the nonzero counts and Σ_v u log u)
+  − (Σ_{v: c(a,v)>0} c(a, v) log q(v) + s Σ_v u(v) log q(v)) / (n(a) + s),
+
+so each position costs a gather over its context's nonzero counts and one product with u.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from crosslib.artifacts import atomic_write_text, build_artifact, sha256_bytes
 from crosslib.config import Config, require, require_fraction, require_positive
-from crosslib.snapshots import load_snapshot, suite_fingerprint
+from crosslib.snapshots import load_config, load_snapshot, suite_fingerprint
 from crosslib.corpus import CorpusConfig
 from crosslib.suite import iter_steps, suite_token_streams, token_windows
+
+# Largest [position, vocabulary] block of log-probabilities held at once (32 MiB in float32): peak
+# memory does not grow with vocabulary × batch (at Pythia's 50k vocabulary, 166 positions per block).
+BLOCK_ELEMENTS = 1 << 23
+# Token pairs counted per sparse block when fitting the bigram model.
+PAIRS_PER_BLOCK = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,25 +90,57 @@ class NgramModel:
     def fit(cls, tokens: np.ndarray, vocab_size: int, smoothing: float) -> "NgramModel":
         import scipy.sparse as sp
 
-        tokens = np.asarray(tokens, dtype=np.int64)
-        counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64) + 1.0  # add-one: no zero
-        pairs = sp.coo_matrix((np.ones(len(tokens) - 1), (tokens[:-1], tokens[1:])), shape=(vocab_size, vocab_size))
+        tokens = np.asarray(tokens)
+        counts = np.bincount(tokens.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1.0  # add-one: no zero
+        pairs = sp.csr_matrix((vocab_size, vocab_size), dtype=np.float64)
+        for start in range(0, max(0, len(tokens) - 1), PAIRS_PER_BLOCK):  # bounded memory on long streams
+            block = tokens[start : start + PAIRS_PER_BLOCK + 1].astype(np.int64)
+            pairs = pairs + sp.csr_matrix((np.ones(len(block) - 1), (block[:-1], block[1:])),
+                                          shape=(vocab_size, vocab_size))
+        pairs.sum_duplicates()
         return cls(counts / counts.sum(), pairs.tocsr(), smoothing)
 
+    @functools.cached_property
+    def context_totals(self) -> Float[np.ndarray, " vocab"]:
+        """n(a): how often each token is followed by another in the training stream."""
+        return np.asarray(self.bigram_counts.sum(axis=1)).ravel()
+
+    @functools.cached_property
+    def bigram_neg_entropy(self) -> Float[np.ndarray, " vocab"]:
+        """Σ_v p(v | a) log p(v | a) for every previous token a, from the nonzero counts only."""
+        u, s, counts = self.unigram, self.smoothing, self.bigram_counts
+        alpha = s / (self.context_totals + s)  # weight of the unigram in p(· | a)
+        beta = 1.0 / (self.context_totals + s)  # weight of the counts
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        cols = counts.indices
+        p_nonzero = beta[rows] * counts.data + alpha[rows] * u[cols]
+        vocab = len(u)
+        nonzero_term = np.bincount(rows, p_nonzero * np.log(p_nonzero), minlength=vocab)
+        u_nonzero = np.bincount(rows, u[cols], minlength=vocab)
+        u_log_u_nonzero = np.bincount(rows, u[cols] * np.log(u[cols]), minlength=vocab)
+        u_log_u = float((u * np.log(u)).sum())
+        # the zero-count entries are alpha·u(v): Σ alpha u (log alpha + log u) over them
+        return nonzero_term + alpha * ((1.0 - u_nonzero) * np.log(alpha) + (u_log_u - u_log_u_nonzero))
+
     def bigram(self, previous: Int[np.ndarray, " position"]) -> Float[np.ndarray, "position vocab"]:
+        """Dense rows p(· | previous) (for small vocabularies and tests; the metrics never build them)."""
         rows = np.asarray(self.bigram_counts[previous].todense())
         return (rows + self.smoothing * self.unigram) / (rows.sum(axis=1, keepdims=True) + self.smoothing)
+
+    def bigram_probability(self, previous: np.ndarray, following: np.ndarray) -> np.ndarray:
+        """p(following | previous), elementwise, from the sparse counts."""
+        pair_counts = np.asarray(self.bigram_counts[previous, following]).ravel()
+        return (pair_counts + self.smoothing * self.unigram[following]) / (self.context_totals[previous] + self.smoothing)
 
     def cross_entropy(self, tokens: np.ndarray) -> tuple[float, float]:
         """(unigram, bigram) cross-entropy in nats per token on `tokens`."""
         tokens = np.asarray(tokens, dtype=np.int64)
         unigram_ce = float(-np.log(self.unigram[tokens[1:]]).mean())
-        log_probs = []
-        for start in range(0, len(tokens) - 1, 4096):
-            prev, nxt = tokens[start : start + 4096], tokens[start + 1 : start + 4097]
-            prev = prev[: len(nxt)]
-            log_probs.append(np.log(self.bigram(prev)[np.arange(len(nxt)), nxt]))
-        return unigram_ce, float(-np.concatenate(log_probs).mean())
+        total = 0.0
+        for start in range(0, len(tokens) - 1, PAIRS_PER_BLOCK):
+            block = tokens[start : start + PAIRS_PER_BLOCK + 1]
+            total += float(np.log(self.bigram_probability(block[:-1], block[1:])).sum())
+        return unigram_ce, -total / max(1, len(tokens) - 1)
 
 
 def induction_sequences(unigram: np.ndarray, config: DynamicsConfig) -> Int[Tensor, "sequence position"]:
@@ -105,32 +155,71 @@ def _kl(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * (log_p - log_q)).sum(-1)
 
 
+def next_token_log_probs(model, input_ids: Int[Tensor, "window position"], block_elements: int = BLOCK_ELEMENTS
+                         ) -> Iterator[tuple[int, Float[Tensor, "row vocab"]]]:
+    """log q(next token) at every position but the last, in blocks of rows (window, position) order.
+
+    Yields (first row, log-probabilities [rows, vocab]) with rows × vocab ≤ `block_elements`: the
+    hidden states are projected onto the vocabulary one block at a time, so no [window, position,
+    vocab] tensor is ever built. A module without an output embedding (a bare function of the ids
+    returning `.logits`) has its logits cut into the same blocks.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        hidden = model.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
+        rows = rearrange(hidden, "window position d -> (window position) d")
+        vocab = int(head.weight.shape[0])
+    else:
+        logits = model(input_ids=input_ids).logits[:, :-1]
+        rows = rearrange(logits, "window position vocab -> (window position) vocab")
+        vocab = int(rows.shape[-1])
+    per_block = max(1, block_elements // vocab)
+    for start in range(0, rows.shape[0], per_block):
+        block = rows[start : start + per_block]
+        yield start, (head(block) if head is not None else block).float().log_softmax(-1)
+
+
 @torch.no_grad()
 def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor, batch_size: int,
-                     text_repeats: Tensor | None = None) -> dict[str, float]:
-    """The metrics above for one model on held-out `windows` and induction `repeats`."""
+                     text_repeats: Tensor | None = None, *, block_elements: int = BLOCK_ELEMENTS) -> dict[str, float]:
+    """The metrics above for one model on held-out `windows` and induction `repeats`.
+
+    Peak memory is one batch's hidden states plus one [rows, vocab] block (`block_elements`).
+    """
     unigram = torch.from_numpy(ngrams.unigram).float()
-    log_unigram = unigram.log()
+    u_log_u = float((ngrams.unigram * np.log(ngrams.unigram)).sum())
+    neg_entropy = torch.from_numpy(ngrams.bigram_neg_entropy)
+    totals = torch.from_numpy(ngrams.context_totals)
+    counts, smoothing = ngrams.bigram_counts, ngrams.smoothing
     total_loss = total_kl_uni = total_kl_bi = 0.0
     n_positions = 0
-    mean_probs = torch.zeros_like(unigram)
+    mean_probs = torch.zeros_like(unigram, dtype=torch.float64)
     for batch in windows.split(batch_size):
-        log_q = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)  # [batch, position, vocab]
-        targets = batch[:, 1:]
-        total_loss += -log_q.gather(-1, targets[..., None]).sum().item()
-        q = log_q.exp()
-        mean_probs += q.sum((0, 1))
-        total_kl_uni += _kl(unigram, log_unigram, log_q).sum().item()
-        bigram = torch.from_numpy(ngrams.bigram(batch[:, :-1].reshape(-1).numpy())).float()
-        total_kl_bi += _kl(bigram, bigram.log(), log_q.reshape(-1, log_q.shape[-1])).sum().item()
-        n_positions += targets.numel()
+        previous_all = batch[:, :-1].reshape(-1).cpu()
+        targets_all = batch[:, 1:].reshape(-1)
+        for start, log_q in next_token_log_probs(model, batch, block_elements):
+            rows = log_q.shape[0]
+            targets, previous = targets_all[start : start + rows], previous_all[start : start + rows]
+            total_loss -= log_q.gather(-1, targets[:, None]).sum().item()
+            mean_probs += log_q.exp().sum(0).double().cpu()
+            u_log_q = (log_q @ unigram.to(log_q.device)).double().cpu()  # Σ_v u(v) log q(v), per row
+            total_kl_uni += (u_log_u - u_log_q).sum().item()
+            context = counts[previous.numpy()]  # sparse [rows, vocab] counts c(a, ·)
+            row_of = torch.from_numpy(np.repeat(np.arange(rows), np.diff(context.indptr)))
+            col_of = torch.from_numpy(context.indices.astype(np.int64))
+            log_q_nonzero = log_q.cpu()[row_of, col_of].double()
+            count_log_q = torch.zeros(rows, dtype=torch.float64).index_add_(
+                0, row_of, torch.from_numpy(context.data) * log_q_nonzero)
+            cross = (count_log_q + smoothing * u_log_q) / (totals[previous] + smoothing)
+            total_kl_bi += (neg_entropy[previous] - cross).sum().item()
+        n_positions += targets_all.numel()
     mean_probs /= n_positions
-    first_copy, second_copy = _copy_losses(model, repeats, batch_size)
-    text_first, text_second = _copy_losses(model, text_repeats, batch_size) if text_repeats is not None else (
-        float("nan"), float("nan"))
+    first_copy, second_copy = _copy_losses(model, repeats, batch_size, block_elements)
+    text_first, text_second = (_copy_losses(model, text_repeats, batch_size, block_elements)
+                               if text_repeats is not None else (float("nan"), float("nan")))
     return {
         "loss": total_loss / n_positions,
-        "unigram_kl": _kl(unigram, log_unigram, mean_probs.clamp_min(1e-12).log()).item(),
+        "unigram_kl": _kl(unigram.double(), unigram.double().log(), mean_probs.clamp_min(1e-12).log()).item(),
         "unigram_kl_position": total_kl_uni / n_positions,
         "bigram_kl": total_kl_bi / n_positions,
         "induction_first_copy_loss": first_copy,
@@ -140,13 +229,17 @@ def snapshot_metrics(model, windows: Tensor, ngrams: NgramModel, repeats: Tensor
     }
 
 
-def _copy_losses(model, repeats: Tensor, batch_size: int) -> tuple[float, float]:
+def _copy_losses(model, repeats: Tensor, batch_size: int, block_elements: int = BLOCK_ELEMENTS) -> tuple[float, float]:
     """Mean loss on the first and on the second copy of sequences [sequence, 2 × half] that repeat once."""
     half = repeats.shape[1] // 2
     token_losses = []
     for batch in repeats.split(batch_size):
-        log_q = model(input_ids=batch).logits[:, :-1].float().log_softmax(-1)
-        token_losses.append(-log_q.gather(-1, batch[:, 1:, None])[..., 0])
+        targets = batch[:, 1:].reshape(-1)
+        losses = torch.empty(targets.numel())
+        for start, log_q in next_token_log_probs(model, batch, block_elements):
+            rows = log_q.shape[0]
+            losses[start : start + rows] = -log_q.gather(-1, targets[start : start + rows, None])[:, 0].cpu()
+        token_losses.append(rearrange(losses, "(sequence position) -> sequence position", sequence=batch.shape[0]))
     token_losses = torch.cat(token_losses)  # [sequence, position]; position p predicts token p+1
     # the first token of the second copy is not predictable from the first copy: skip it
     return token_losses[:, : half - 1].mean().item(), token_losses[:, half:].mean().item()
@@ -186,9 +279,9 @@ def learning_dynamics(
                       sha256_bytes(np.ascontiguousarray(train).tobytes()))
 
     def build(folder):
-        first_model, _ = load_snapshot(suite, steps[0], with_tokenizer=False)
-        vocab = first_model.config.vocab_size
-        context = config.context_length or min(128, first_model.config.max_position_embeddings)
+        model_config = load_config(suite, steps[0])  # shapes only: no weights loaded
+        vocab = int(model_config.vocab_size)
+        context = config.context_length or min(128, int(model_config.max_position_embeddings))
         half = config.induction_half_length or context // 4
         require(2 * half <= context, "induction_half_length", half, f"at most half the context ({context // 2})")
         ngrams = NgramModel.fit(train, vocab, config.bigram_smoothing)

@@ -110,3 +110,54 @@ def test_phase_summary_landmarks():
     assert summary["loss_below_bigram_step"] == 256 and summary["induction_step"] == 256
     table["induction_score"] = 0.1
     assert phase_summary(table)["induction_step"] is None
+
+
+def dense_reference_metrics(model, windows, ngrams, repeats) -> dict[str, float]:
+    """The metrics computed the direct way: full [window, position, vocab] logits and dense bigram rows."""
+    with torch.no_grad():
+        log_q = model(input_ids=windows).logits[:, :-1].double().log_softmax(-1)
+        u = torch.from_numpy(ngrams.unigram)
+        bigram = torch.from_numpy(ngrams.bigram(windows[:, :-1].reshape(-1).numpy())).reshape(log_q.shape)
+        mean_q = log_q.exp().mean((0, 1))
+        half = repeats.shape[1] // 2
+        copy_losses = -model(input_ids=repeats).logits[:, :-1].double().log_softmax(-1).gather(
+            -1, repeats[:, 1:, None])[..., 0]
+    return {
+        "loss": -log_q.gather(-1, windows[:, 1:, None]).mean().item(),
+        "unigram_kl": (u * (u.log() - mean_q.log())).sum().item(),
+        "unigram_kl_position": (u * (u.log() - log_q)).sum(-1).mean().item(),
+        "bigram_kl": (bigram * (bigram.log() - log_q)).sum(-1).mean().item(),
+        "induction_first_copy_loss": copy_losses[:, : half - 1].mean().item(),
+        "induction_second_copy_loss": copy_losses[:, half:].mean().item(),
+    }
+
+
+@pytest.mark.parametrize("block_elements", [1, 97, 1 << 23])
+def test_streamed_metrics_equal_dense_ones_on_a_small_vocabulary(block_elements):
+    """Blocks of rows (down to one position at a time) and sparse bigram counts give the dense result."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    vocab = 37
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             max_position_embeddings=32)).eval()
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, vocab, size=3000) % rng.integers(5, vocab, size=3000)  # skewed, with unseen pairs
+    ngrams = NgramModel.fit(train, vocab, smoothing=3.0)
+    assert ngrams.bigram_counts.nnz < vocab * vocab  # some pairs are never seen: the smoothing matters
+    windows = torch.from_numpy(rng.integers(0, vocab, size=(7, 12))).long()
+    repeats = torch.from_numpy(np.tile(rng.integers(0, vocab, size=(5, 4)), 2)).long()
+    streamed = snapshot_metrics(model, windows, ngrams, repeats, batch_size=3, block_elements=block_elements)
+    dense = dense_reference_metrics(model, windows, ngrams, repeats)
+    for name, value in dense.items():
+        assert streamed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_bigram_entropy_and_cross_entropy_from_sparse_counts():
+    tokens = np.array([0, 1, 2, 0, 1, 3, 0, 1, 2, 2])
+    ngrams = NgramModel.fit(tokens, vocab_size=5, smoothing=2.0)
+    dense = ngrams.bigram(np.arange(5))
+    np.testing.assert_allclose(ngrams.bigram_neg_entropy, (dense * np.log(dense)).sum(1), rtol=1e-12)
+    direct = -np.log(dense[tokens[:-1], tokens[1:]]).mean()
+    assert ngrams.cross_entropy(tokens)[1] == pytest.approx(direct, rel=1e-12)
