@@ -5,6 +5,14 @@ config that determines its bytes. It is built in `<key>.partial/` (which survive
 long build can resume from what it finished), then published with one `os.replace`, so a
 reader never sees half an artifact. A file lock makes a second process that asks for the same
 key wait for the first instead of building it twice.
+
+Integrity: before publishing, the SHA-256 and size of every file (raw `.bin` arrays excepted:
+they carry per-chunk checksums in their own manifest) go into `sha256.json`. The first read
+re-hashes them all; a stamp (`.verified.json`: each file's size and modification time when it
+was last verified) then lets later reads skip the hashing while nothing changed, so opening a
+terabyte artifact costs a few `stat` calls. A file modified within `RACY_SECONDS` of its
+verification is re-hashed anyway (a write in the same clock tick keeps the modification time).
+`crosslib verify` re-hashes everything on demand.
 """
 
 from __future__ import annotations
@@ -14,20 +22,120 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from crosslib.config import Config
+from crosslib.config import Config, ParameterError
 from crosslib.constants import data_dir
 
 CONFIG_FILE = "config.json"
+CHECKSUMS_FILE = "sha256.json"  # {relative path: {"sha256", "size"}} of an artifact's files
+STAMP_FILE = ".verified.json"  # {relative path: [size, mtime_ns, verified_at_ns]}
+RACY_SECONDS = 2.0
+UNHASHED_SUFFIXES = (".bin", ".lock", ".tmp")  # raw arrays have chunk checksums; locks and temporaries change
 
 
 class ArtifactError(RuntimeError):
     """An artifact on disk is missing, incomplete or does not match its checksum."""
+
+
+class ArtifactFormatError(ArtifactError, ParameterError):
+    """A file given to crosslib (or found in an artifact) does not have the expected structure."""
+
+
+def read_json_object(path: str | os.PathLike, fields: tuple[str, ...] = (), *, parameter: str = "path") -> dict[str, Any]:
+    """A JSON file that must hold an object with `fields`; anything else is refused naming
+    `parameter` (the argument that pointed at the file) and what the file must hold."""
+    path = Path(path)
+    data = read_json(path)
+    missing = [f for f in fields if not isinstance(data, dict) or f not in data]
+    if not isinstance(data, dict) or missing:
+        what = "a list" if isinstance(data, list) else type(data).__name__ if not isinstance(data, dict) else f"an object without {missing}"
+        raise ArtifactFormatError(
+            f"{parameter}={str(path.parent)!r} is not allowed: {path.name} is {what}; it must be a JSON object with "
+            f"the fields {list(fields)} (as crosslib writes it)"
+        )
+    return data
+
+
+def corruption_message(folder: Path, detail: str) -> str:
+    """What a user sees when an artifact is corrupted: what is wrong, and which directory to delete."""
+    return (f"{detail}: the artifact {folder} is corrupted. Delete the directory {folder} and re-run "
+            "`crosslib book` (or the call that built it) to rebuild it")
+
+
+def _hashed_files(folder: Path) -> list[str]:
+    skip = {CONFIG_FILE, CHECKSUMS_FILE, STAMP_FILE}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name not in skip and not p.name.endswith(UNHASHED_SUFFIXES))
+
+
+def record_checksums(folder: str | os.PathLike) -> None:
+    """Write `sha256.json` for the files of `folder` (and stamp them as verified)."""
+    folder = Path(folder)
+    sums = {rel: {"sha256": sha256_file(folder / rel), "size": (folder / rel).stat().st_size}
+            for rel in _hashed_files(folder)}
+    atomic_write_json(folder / CHECKSUMS_FILE, sums)
+    write_stamp(folder, list(sums))
+
+
+def unchanged_since_verified(folder: Path, files: list[str]) -> bool:
+    """True when every file has the size and modification time it had when last verified, and
+    was not modified within `RACY_SECONDS` before that verification."""
+    try:
+        stamp = json.loads((folder / STAMP_FILE).read_text())
+        for rel in files:
+            size, mtime_ns, verified_ns = stamp[rel]
+            st = (folder / rel).stat()
+            if st.st_size != size or st.st_mtime_ns != mtime_ns or mtime_ns > verified_ns - RACY_SECONDS * 1e9:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def write_stamp(folder: Path, files: list[str]) -> None:
+    """Record that `files` were just verified (best effort: a read-only data directory keeps no stamp)."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError, ValueError):
+        try:
+            stamp = json.loads((folder / STAMP_FILE).read_text())
+            stamp = stamp if isinstance(stamp, dict) else {}
+        except (OSError, ValueError):
+            stamp = {}
+        for rel in files:
+            st = (folder / rel).stat()
+            stamp[rel] = [st.st_size, st.st_mtime_ns, now]
+        atomic_write_json(folder / STAMP_FILE, stamp)
+
+
+def verify_artifact(folder: str | os.PathLike, *, full: bool = False) -> None:
+    """Check a published artifact's files against `sha256.json`: sizes always, contents when
+    `full` or when a file changed since it was last verified. An artifact published before
+    checksums were recorded gets them now (trust on first use)."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS_FILE).is_file():
+        with contextlib.suppress(OSError):
+            record_checksums(folder)
+        return
+    sums = read_json_object(folder / CHECKSUMS_FILE, parameter="artifact")
+    for rel, rec in sums.items():
+        file = folder / rel
+        if not file.is_file():
+            raise ArtifactError(corruption_message(folder, f"{rel} is missing"))
+        if file.stat().st_size != rec.get("size"):
+            raise ArtifactError(corruption_message(folder, f"{rel} has {file.stat().st_size} bytes, expected {rec.get('size')}"))
+    if not full and unchanged_since_verified(folder, list(sums)):
+        return
+    for rel, rec in sums.items():
+        if sha256_file(folder / rel) != rec.get("sha256"):
+            raise ArtifactError(corruption_message(folder, f"{rel} does not match its checksum in {CHECKSUMS_FILE}"))
+    write_stamp(folder, list(sums))
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -85,13 +193,22 @@ def locked(path: str | os.PathLike, *, message: str | None = None) -> Iterator[N
     try:
         lock.acquire(timeout=0.05)
     except Timeout:
-        if message:
-            print(message, flush=True)
+        if message:  # operational: stderr, so that it never lands in a published notebook's output
+            print(message, file=sys.stderr, flush=True)
         lock.acquire()
     try:
         yield
     finally:
         lock.release()
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` relative to the data directory (`$CROSSLIB_DATA/...`) when it lies inside it, so that
+    messages do not show the builder's absolute paths; other paths as they are."""
+    path = Path(path)
+    with contextlib.suppress(ValueError, OSError):
+        return "<data>/" + path.resolve().relative_to(data_dir()).as_posix()
+    return str(path)
 
 
 def artifact_dir(kind: str, config: Config, root: str | os.PathLike | None = None) -> Path:
@@ -111,14 +228,17 @@ def build_artifact(
     """
     final = artifact_dir(kind, config, root)
     if (final / CONFIG_FILE).is_file():
+        verify_artifact(final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with locked(final.with_suffix(".lock"), message=f"waiting for another process building {final}"):
+    with locked(final.with_suffix(".lock"), message=f"waiting for another process building {display_path(final)}"):
         if (final / CONFIG_FILE).is_file():  # built by the process we waited for
+            verify_artifact(final)
             return final
         partial = final.with_name(final.name + ".partial")
         partial.mkdir(exist_ok=True)
         build(partial)
+        record_checksums(partial)
         # The config is written last: its presence marks a complete artifact.
         atomic_write_text(partial / CONFIG_FILE, config.to_json() + "\n")
         if final.exists():  # a stale, incomplete directory (no config.json)

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import hashlib
@@ -241,6 +242,29 @@ def resolve_parameters(
     return resolved
 
 
+def notebook_defaults(declared: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The default values of a `parameters` cell (as papermill reports them: Python literals)."""
+    defaults = {}
+    for name, info in declared.items():
+        with contextlib.suppress(ValueError, SyntaxError, TypeError):
+            defaults[name] = ast.literal_eval(str(info.get("default")))
+    return defaults
+
+
+def check_chapter_parameters(chapter: str, declared: dict[str, dict[str, Any]], given: dict[str, Any]) -> dict[str, Any]:
+    """Check the values a chapter will run with (its defaults and `given`) before anything runs:
+    types against the notebook's defaults, then `crosslib.parameters.check_parameters` (values,
+    configs, memory). Returns `given` with integral floats made ints where the default is an int."""
+    from crosslib.parameters import check_parameters
+
+    defaults = notebook_defaults(declared)
+    try:
+        checked = check_parameters({**defaults, **given}, defaults)
+    except ParameterError as e:
+        raise ParameterError(f"{e} (chapter {chapter})") from None
+    return {k: checked.get(k, v) for k, v in given.items()}
+
+
 @dataclasses.dataclass
 class ChapterPlan:
     name: str
@@ -291,6 +315,8 @@ def select_chapters(available: Sequence[str], wanted: Sequence[str] | None) -> l
     chosen: list[str] = []
     for w in wanted:
         matches = [c for c in available if c == w] or [c for c in available if c.startswith(w)]
+        if len(matches) > 1:
+            raise ParameterError(f"--chapter {w!r} is ambiguous: it matches {', '.join(matches)}; give more of the name")
         if len(matches) != 1:
             raise ParameterError(
                 f"unknown chapter {w!r}: valid chapters are {', '.join(available) or '(none: the book has no chapters yet)'}"
@@ -646,6 +672,8 @@ def plan_book(
     selected = select_chapters(book_chapters, chapters)
     declared = {c: declared_parameters(notebook_dir / f"{c}.ipynb") for c in selected}
     params = resolve_parameters(declared, p, dict(overrides or {}), all_chapters=book_chapters)
+    for c in selected:
+        params[c] = check_chapter_parameters(c, declared[c], params[c])
     code = code_hash()
     plans = []
     for c in selected:

@@ -53,8 +53,13 @@ from crosslib.artifacts import (
     artifact_dir,
     atomic_write_json,
     build_artifact,
+    corruption_message,
+    display_path,
     read_json,
     sha256_file,
+    unchanged_since_verified,
+    verify_artifact,
+    write_stamp,
 )
 from crosslib.config import Config, ParameterError, require, require_choice
 from crosslib.hooks import HookPoint, capture, parse_hook, validate_hook
@@ -156,12 +161,13 @@ def _is_local(suite: str) -> bool:
 
 def weights_identity(suite: str, step: int) -> dict[str, Any]:
     """What identifies a snapshot's weights: its checksums for a local suite, repo + revision on the hub."""
-    from crosslib.snapshots import CHECKSUMS_FILE, step_dir
+    from crosslib.snapshots import checksums_path, local_checksums, step_dir
 
     if not _is_local(suite):
         return {"step": step, "repo": str(suite), "revision": f"step{step}"}
     folder = step_dir(suite, step)
-    sums = folder / CHECKSUMS_FILE
+    local_checksums(folder)  # hashed once, then remembered in checksums.json
+    sums = checksums_path(folder)
     if sums.is_file():
         return {"step": step, "checksums_sha256": sha256_file(sums)}
     files = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
@@ -169,17 +175,9 @@ def weights_identity(suite: str, step: int) -> dict[str, Any]:
 
 
 def _model_config(suite: str, step: int) -> Any:
-    from transformers import AutoConfig
+    from crosslib.snapshots import load_config
 
-    from crosslib.snapshots import SnapshotError, check_step, step_dir
-
-    check_step(suite, step)
-    try:
-        if _is_local(suite):
-            return AutoConfig.from_pretrained(step_dir(suite, step))
-        return AutoConfig.from_pretrained(suite, revision=f"step{step}")
-    except (OSError, ValueError) as e:
-        raise SnapshotError(f"cannot read the config of {suite}@step{step}: {e}") from None
+    return load_config(suite, step)
 
 
 def _block_windows(tokens: np.ndarray, block_tokens: int = 1 << 17) -> int:
@@ -336,16 +334,17 @@ def build_store(
     estimate = activations + n_tokens * 4  # + the int32 token windows
     partial = final.with_name(final.name + ".partial")
     free = _disk_usage(final).free
+    # Operational (disk space, paths): stderr, never a published notebook's output.
     print(
         f"activation cache {config.hook}: {n_tokens:,} tokens x d={d_model} x {item} B ({config.dtype}) x "
         f"{len(config.steps)} snapshots = {_human(activations)} (+ {_human(n_tokens * 4)} of tokens) on disk; "
         f"free: {_human(free)}",
-        flush=True,
+        file=sys.stderr, flush=True,
     )
     missing = estimate - _allocated_bytes(partial) - free
     if missing > 0:
         raise CacheError(
-            f"not enough free disk for the activation cache: it needs {_human(estimate)} and {final.parent} has "
+            f"not enough free disk for the activation cache: it needs {_human(estimate)} and {display_path(final.parent)} has "
             f"{_human(free)} free. Free {_human(missing)} or more, point root (or $CROSSLIB_DATA) at a bigger "
             "disk, or cache fewer tokens or snapshots (or dtype='float16'/'bfloat16')"
         )
@@ -589,14 +588,19 @@ def _compute_chunk(model, plan: _Plan, chunk: int, fd: int, torch_dtype, step: i
 # --------------------------------------------------------------------------- open
 
 
-def open_store(path: str | os.PathLike, *, verify: bool = True) -> "ActivationStore":
-    """Open a published store, checking each chunk of each file against its SHA-256 (``verify``)."""
+def open_store(path: str | os.PathLike, *, verify: bool | str = True) -> "ActivationStore":
+    """Open a published store. Sizes are always checked. ``verify=True`` checks each chunk of each
+    file against its SHA-256 unless the files are unchanged (same size and modification time)
+    since they were last verified; ``verify="full"`` always re-hashes; ``False`` skips hashing."""
+    require(verify in (True, False, "full"), "verify", verify, 'True, False or "full"')
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise ArtifactError(
             f"{path} is not a complete activation store (no {CONFIG_FILE}): it does not exist, is still being "
             "built, or its build was interrupted; call build_store again to finish it"
         )
+    if verify:
+        verify_artifact(path, full=verify == "full")  # manifest.json and config files
     manifest = read_json(path / MANIFEST_FILE)
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path / MANIFEST_FILE} has format {manifest.get('format')!r}, expected {FORMAT!r}")
@@ -606,17 +610,13 @@ def open_store(path: str | os.PathLike, *, verify: bool = True) -> "ActivationSt
     for name, size in files:
         file = path / name
         if not file.is_file():
-            raise ArtifactError(f"activation store {path} is missing {name}; delete the store and rebuild it")
+            raise ArtifactError(corruption_message(path, f"activation store is missing {name}"))
         if file.stat().st_size != size:
-            raise ArtifactError(
-                f"{file} has {file.stat().st_size} bytes, expected {size}: the store is corrupted; delete it and rebuild"
-            )
-    if verify:
+            raise ArtifactError(corruption_message(path, f"{file} has {file.stat().st_size} bytes, expected {size}"))
+    names = [name for name, _ in files]
+    if verify == "full" or (verify and not unchanged_since_verified(path, names)):
         if sha256_file(path / manifest["tokens"]["file"]) != manifest["tokens"]["sha256"]:
-            raise ArtifactError(
-                f"{path / manifest['tokens']['file']} does not match its checksum: the store is corrupted; "
-                "delete it and rebuild"
-            )
+            raise ArtifactError(corruption_message(path, f"{path / manifest['tokens']['file']} does not match its checksum"))
         for snap in manifest["snapshots"]:
             fd = os.open(path / snap["file"], os.O_RDONLY)
             try:
@@ -624,13 +624,12 @@ def open_store(path: str | os.PathLike, *, verify: bool = True) -> "ActivationSt
                     offset, n_bytes = _chunk_span(manifest, c, row_bytes)
                     if _chunk_sha(fd, offset, n_bytes) != rec["sha256"]:
                         first_row = offset // row_bytes
-                        raise ArtifactError(
-                            f"{path / snap['file']}: chunk {c} (rows {first_row}..{first_row + n_bytes // row_bytes - 1}) "
-                            "does not match its checksum in manifest.json; the store is corrupted: delete it and "
-                            "rebuild with build_store"
-                        )
+                        raise ArtifactError(corruption_message(
+                            path, f"{path / snap['file']}: chunk {c} (rows {first_row}..{first_row + n_bytes // row_bytes - 1}) "
+                            "does not match its checksum in manifest.json"))
             finally:
                 os.close(fd)
+        write_stamp(path, names)
     return ActivationStore(path, manifest)
 
 

@@ -30,18 +30,17 @@ import json
 import math
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from crosslib.artifacts import atomic_write_json, sha256_bytes
+from crosslib.artifacts import atomic_write_json, display_path, sha256_bytes
 from crosslib.config import Config, ParameterError, canonical_json, require, require_fraction, require_positive
 from crosslib.constants import data_dir
 from crosslib.dashboards import FeatureContexts, TopContext
+from crosslib.statistics import Correlation, correlate
 
 SCALE: dict[int, str] = {
     1: "a single specific token",
@@ -112,8 +111,26 @@ class InsufficientData(ValueError):
     """The feature is too rarely active (or never varies) to be scored; the message says why."""
 
 
+API_KEY_PATTERN = re.compile(r"sk-ant-[A-Za-z0-9_\-]{6,}")  # Anthropic keys, wherever they come from
+REDACTED = "[redacted API key]"
+
+
+def redact(text: str, *keys: str | None) -> str:
+    """`text` with the API key (the environment's, any of `keys`, anything shaped like an
+    Anthropic key) replaced: an endpoint may echo the key in an error body, a model in its answer."""
+    text = str(text)
+    for key in (os.environ.get(API_KEY_ENV, "").strip(), *keys):
+        if key and len(key) >= 6:
+            text = text.replace(key, REDACTED)
+    return API_KEY_PATTERN.sub(REDACTED, text)
+
+
 class LLMError(RuntimeError):
-    """The LLM scorer could not produce a score (base class of the two below)."""
+    """The LLM scorer could not produce a score (base class of the two below). Its message never
+    holds the API key."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(redact(message))
 
 
 class LLMUnavailable(LLMError):
@@ -539,7 +556,7 @@ class LLMRubricScorer:
         key = os.environ.get(API_KEY_ENV, "").strip()
         if not key:
             raise LLMUnavailable(
-                f"{API_KEY_ENV} is not set and no cached LLM answer exists under {self.cache_dir}; "
+                f"{API_KEY_ENV} is not set and no cached LLM answer exists under {display_path(self.cache_dir)}; "
                 "use the offline ContextDepthScorer"
             )
         import anthropic
@@ -565,9 +582,11 @@ class LLMRubricScorer:
         try:
             message = client.messages.create(**request)
         except anthropic.APIStatusError as e:
-            raise LLMUnavailable(_one_line(f"the Messages API answered HTTP {e.status_code}: {e.message}")) from None
+            raise LLMUnavailable(_one_line(redact(f"the Messages API answered HTTP {e.status_code}: {e.message}",
+                                                  getattr(client, "api_key", None)))) from None
         except anthropic.APIConnectionError as e:
-            raise LLMUnavailable(_one_line(f"could not reach the Messages API ({type(e).__name__}: {e})")) from None
+            raise LLMUnavailable(_one_line(redact(f"could not reach the Messages API ({type(e).__name__}: {e})",
+                                                  getattr(client, "api_key", None)))) from None
         self.calls_made += 1
         # Thinking models may put thinking blocks first: read the text blocks only.
         text = "".join(block.text for block in message.content if getattr(block, "type", None) == "text")
@@ -590,7 +609,7 @@ class LLMRubricScorer:
         answer = self._read_cache(path)
         if answer is None:
             if not self.allow_calls:
-                raise LLMUnavailable(f"no cached LLM answer under {self.cache_dir} and calls are switched off (allow_calls=False)")
+                raise LLMUnavailable(f"no cached LLM answer under {display_path(self.cache_dir)} and calls are switched off (allow_calls=False)")
             answer = self._ask_until_valid(system, user, digest, path)
         return ComplexityScore(
             complexity=answer["complexity"],
@@ -623,6 +642,8 @@ class LLMRubricScorer:
                 else:
                     messages = [{"role": "user", "content": user}]
                 continue
+            key = getattr(client, "api_key", None)
+            answer = {k: redact(v, key) if isinstance(v, str) else v for k, v in answer.items()}
             atomic_write_json(
                 path,
                 {
@@ -631,7 +652,7 @@ class LLMRubricScorer:
                     "system": system,
                     "user": user,
                     "answer": answer,
-                    "response_text": text,
+                    "response_text": redact(text, key),
                     "attempts": attempt,
                     "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     **meta,
@@ -690,28 +711,6 @@ def score_features(
 # --------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Correlation:
-    """Pearson and Spearman correlation of complexity with one version of the emergence step."""
-
-    n: int
-    pearson_r: float
-    pearson_p: float
-    spearman_rho: float
-    spearman_p: float
-
-
-def _correlate(x: np.ndarray, y: np.ndarray) -> Correlation:
-    n = len(x)
-    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return Correlation(n, math.nan, math.nan, math.nan, math.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pearson = stats.pearsonr(x, y)
-        spearman = stats.spearmanr(x, y)
-    return Correlation(n, float(pearson.statistic), float(pearson.pvalue), float(spearman.statistic), float(spearman.pvalue))
 
 
 def log_step(step: np.ndarray | pd.Series | float) -> np.ndarray:
@@ -783,8 +782,8 @@ def complexity_vs_emergence(complexity: Sequence[float] | pd.Series, emergence_s
     )
     return ComplexityEmergence(
         n=len(frame),
-        primary=_correlate(frame["complexity"].to_numpy(float), frame["log_step"].to_numpy()),
-        raw_step=_correlate(frame["complexity"].to_numpy(float), frame["step"].to_numpy()),
+        primary=correlate(frame["complexity"].to_numpy(float), frame["log_step"].to_numpy()),
+        raw_step=correlate(frame["complexity"].to_numpy(float), frame["step"].to_numpy()),
         per_score=per_score,
     )
 
@@ -824,7 +823,7 @@ def scorer_agreement(a: Sequence[float] | pd.Series, b: Sequence[float] | pd.Ser
     of identical scores) and within_one (share differing by at most one point).
     """
     x, y = _paired(a, b, ("a", "b"))
-    corr = _correlate(x, y)
+    corr = correlate(x, y)
     return {
         "n": float(len(x)),
         "spearman_rho": corr.spearman_rho,

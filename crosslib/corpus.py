@@ -58,8 +58,14 @@ class CorpusConfig(Config):
     text_field: str = "text"
 
     def validate(self) -> None:
+        require(isinstance(self.source, str) and self.source != "", "source", self.source,
+                f"one of {list(REGISTRY_CORPORA)}, 'hf:<dataset id or folder>', or the path (a string) of a "
+                ".txt/.jsonl file or folder of .txt files")
+        require(isinstance(self.text_field, str) and self.text_field != "", "text_field", self.text_field,
+                "the name (a string) of the field that holds each document's text")
         require_fraction("heldout_fraction", self.heldout_fraction)
-        require(self.max_documents >= 0, "max_documents", self.max_documents, "0 (all) or a positive count")
+        require(isinstance(self.max_documents, int) and not isinstance(self.max_documents, bool)
+                and self.max_documents >= 0, "max_documents", self.max_documents, "0 (all) or a positive count")
         if self.source.startswith("hf:"):
             require_positive("max_documents", self.max_documents)
         elif self.source not in REGISTRY_CORPORA and not Path(self.source).exists():
@@ -158,20 +164,38 @@ def _kjv_documents() -> list[str]:
     return [" ".join(chapter) for chapter in chapters.values()]
 
 
+def _read_text(path: Path) -> str:
+    """A local corpus file as text; a binary or non-UTF-8 file is refused naming the file."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParameterError(f"source={str(path)!r} is not allowed: the file is not UTF-8 text (byte {e.start} is "
+                             f"0x{data[e.start]:02x}); give a UTF-8 .txt/.jsonl file or folder of .txt files") from None
+    if "\x00" in text:
+        raise ParameterError(f"source={str(path)!r} is not allowed: the file is binary (it holds NUL bytes); "
+                             "give a UTF-8 .txt/.jsonl file or folder of .txt files")
+    return text
+
+
 def _local_documents(path: Path, text_field: str) -> list[str]:
     if path.is_dir():
-        return [p.read_text(encoding="utf-8") for p in sorted(path.rglob("*.txt"))]
+        return [_read_text(p) for p in sorted(path.rglob("*.txt"))]
     if path.suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        docs.append(json.loads(line)[text_field])
-                    except (json.JSONDecodeError, KeyError):
-                        raise CorpusError(f"{path}:{n} is not a JSON object with a {text_field!r} field") from None
+        for n, line in enumerate(_read_text(path).splitlines(), 1):
+            if line.strip():
+                try:
+                    text = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                    raise ParameterError(f"source={str(path)!r} is not allowed: line {n} is not a JSON object "
+                                         f"with a {text_field!r} field") from None
+                if not isinstance(text, str):
+                    raise ParameterError(f"source={str(path)!r} is not allowed: line {n} has a {text_field!r} field "
+                                         f"that is {type(text).__name__}, not a string")
+                docs.append(text)
         return docs
-    return [d for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if d.strip()]
+    return [d for d in re.split(r"\n\s*\n", _read_text(path)) if d.strip()]
 
 
 def _hf_documents(name: str, text_field: str, limit: int) -> list[str]:

@@ -17,11 +17,13 @@ import pandas as pd
 import torch
 
 from crosslib.cache import ActivationStore, CacheConfig, build_store
-from crosslib.config import ParameterError, require, require_choice, require_positive
+from crosslib.config import ParameterError, require, require_choice
 from crosslib.corpus import CorpusConfig
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
-from crosslib.snapshots import load_snapshot
-from crosslib.suite import iter_steps, resolve_suite, suite_token_streams, token_windows
+from crosslib.parameters import check_dictionary_memory, check_parameters
+from crosslib.snapshots import context_length as snapshot_context_length
+from crosslib.suite import (as_corpus_config, corpus_name, iter_steps, resolve_suite, suite_token_streams,
+                            windows_for_tokens)
 from crosslib.train import TrainConfig, TrainResult, train_crosscoder_cached
 
 
@@ -33,7 +35,7 @@ def activation_store(
     n_tokens: int = 200_000,
     context_length: int | None = None,
     suite_overrides: dict[str, Any] | None = None,
-    corpus: CorpusConfig | None = None,
+    corpus: CorpusConfig | str | dict[str, Any] | None = None,
     dtype: str = "float16",
     device: str = "cpu",
     seed: int = 0,
@@ -47,18 +49,20 @@ def activation_store(
     model's, at most 128. Stores with the same suite, tokens and seed but different hooks hold the
     same rows in the same order, so they can be read side by side (as the layers chapter does).
     """
-    require_positive("n_tokens", n_tokens)
+    check_parameters(dict(suite=suite, suite_overrides=suite_overrides or {}, steps=steps, hook=hook,
+                          n_tokens=n_tokens, device=device, seed=seed))
+    require(context_length is None or (isinstance(context_length, int) and not isinstance(context_length, bool)
+                                       and context_length >= 2), "context_length", context_length,
+            "None (the model's, at most 128) or an integer >= 2")
+    corpus = as_corpus_config(corpus)
     require_choice("split", split, ["heldout", "train"])
     path = resolve_suite(suite, suite_overrides)
     steps = tuple(iter_steps(path, list(steps) if steps is not None else None))
-    if context_length is None:
-        model, _ = load_snapshot(path, steps[-1], with_tokenizer=False)
-        context_length = min(128, int(model.config.max_position_embeddings))
+    if context_length is None:  # from the config: no weights loaded
+        context_length = snapshot_context_length(path, steps[-1], at_most=128)
     stream = suite_token_streams(path, corpus)[split]
-    n_windows = n_tokens // context_length
-    if n_windows < 2:
-        raise ParameterError(f"n_tokens={n_tokens} is not allowed: at least two windows of {context_length} tokens")
-    windows = token_windows(stream, n_windows, context_length, seed)
+    windows = windows_for_tokens(stream, n_tokens, context_length, seed, split=split,
+                                 corpus_name=corpus_name(path, corpus))
     config = CacheConfig(suite=path, steps=steps, hook=hook, dtype=dtype, device=device)
     return build_store(config, windows, progress=progress)
 
@@ -85,6 +89,7 @@ def dictionary(
                                     activation=activation, independent=independent, **model_options)
     train_config = TrainConfig(n_steps=n_steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
                                sparsity_coefficient=sparsity_coefficient)
+    check_dictionary_memory(store.n_snapshots, store.d_model, dict_size, batch_size, device_name=device)
     return train_crosscoder_cached(store, model_config, train_config, device=device, progress=progress)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from crosslib.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, read_json
+from crosslib.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, read_json_object
 from crosslib.config import ParameterError, require
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
 
@@ -63,6 +63,8 @@ def export_saelens(
     if cfg.activation not in ARCHITECTURES:
         raise ParameterError(f"activation={cfg.activation!r} cannot be exported to sae-lens here: "
                              f"choose one of {sorted(ARCHITECTURES)}")
+    require(isinstance(snapshot, int) and not isinstance(snapshot, bool) and 0 <= snapshot < cfg.n_snapshots,
+            "snapshot", snapshot, f"an index in 0..{cfg.n_snapshots - 1} (the model has {cfg.n_snapshots} snapshot(s))")
     sae = model.sae(snapshot) if cfg.n_snapshots > 1 else model
     require(norm_factor is None or (isinstance(norm_factor, (int, float)) and math.isfinite(norm_factor)
                                     and norm_factor > 0), "norm_factor", norm_factor, "None or a positive number")
@@ -118,7 +120,7 @@ def import_saelens(path: str | Path) -> Crosscoder:
     folded in). `apply_b_dec_to_input=True` is folded into b_E.
     """
     path = Path(path)
-    cfg = read_json(path / SAE_CFG_FILE)
+    cfg = read_json_object(path / SAE_CFG_FILE, ("d_in", "d_sae"), parameter="path")
     architecture = cfg.get("architecture", "standard")
     activation = {v: k for k, v in ARCHITECTURES.items()}.get(architecture)
     if activation is None:

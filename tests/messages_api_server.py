@@ -22,6 +22,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     error_type: str = "api_error"
+    message: str = "scripted error"  # the error body's message (e.g. one that echoes the key)
 
 
 def text_reply(text: str) -> Reply:
@@ -90,7 +91,7 @@ class MessagesAPIServer:
                 if reply is None:
                     self._send(400, _error("invalid_request_error", "no scripted reply left"), {"x-should-retry": "false"})
                 elif reply.status != 200:
-                    self._send(reply.status, _error(reply.error_type, "scripted error"), reply.headers)
+                    self._send(reply.status, _error(reply.error_type, reply.message), reply.headers)
                 else:
                     self._send(200, _message(body.get("model", "unknown"), reply.text or "", len(owner.requests)), reply.headers)
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from crosslib import cache as cache_module
-from crosslib.artifacts import ArtifactError
+from crosslib.artifacts import STAMP_FILE, ArtifactError
 from crosslib.cache import (
     KIND,
     ActivationStore,
@@ -104,7 +104,9 @@ def published(root: Path) -> list[str]:
 
 
 def store_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    """Every file of a store except the verification stamp (modification times, not content)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != STAMP_FILE}
 
 
 # --------------------------------------------------------------------------- building
@@ -251,7 +253,7 @@ def test_short_disk_is_refused(suite, windows, tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     with pytest.raises(CacheError, match="not enough free disk .* needs 122.5 KiB"):
         build_store(cfg(suite), windows, root=root)
-    assert "640 tokens x d=32 x 2 B (float16) x 3 snapshots = 120.0 KiB (+ 2.5 KiB of tokens)" in capsys.readouterr().out
+    assert "640 tokens x d=32 x 2 B (float16) x 3 snapshots = 120.0 KiB (+ 2.5 KiB of tokens)" in capsys.readouterr().err
     assert published(root) == []
 
 

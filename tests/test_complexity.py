@@ -300,3 +300,23 @@ def test_scorer_agreement():
     result = scorer_agreement(pd.Series(a + [np.nan]), pd.Series(b + [4]))
     assert result["n"] == 12 and result["within_one"] == pytest.approx(11 / 12)
     assert result["spearman_rho"] == pytest.approx(stats.spearmanr(a, b).statistic)
+
+
+def test_api_key_echoed_by_the_endpoint_or_the_model_is_redacted(llm_env, contexts, capsys):
+    echo = f"invalid x-api-key {DUMMY_KEY} (key {DUMMY_KEY[:-4]}...)"
+    refusals = [Reply(status=401, error_type="authentication_error", message=echo) for _ in range(2)]
+    with MessagesAPIServer(refusals) as server:
+        with pytest.raises(LLMUnavailable, match="HTTP 401") as refused:
+            scorer_for(server).score(contexts)
+        skipped = score_features(scorer_for(server), [contexts], on_llm_error="skip", progress=False)
+    shown = str(refused.value) + skipped.to_csv()
+    assert "invalid x-api-key [redacted API key]" in str(refused.value)
+    assert DUMMY_KEY not in shown and DUMMY_KEY[:-4] not in shown
+    answer = json.dumps({"explanation": f"my key is {DUMMY_KEY}", "consistency": 3, "complexity": 2})
+    with MessagesAPIServer([text_reply(answer)]) as server:
+        score = scorer_for(server).score(contexts)
+    assert DUMMY_KEY not in score.explanation
+    [path] = cache_files(llm_env)
+    assert DUMMY_KEY not in path.read_text() and "[redacted API key]" in path.read_text()
+    captured = capsys.readouterr()
+    assert DUMMY_KEY not in captured.out + captured.err

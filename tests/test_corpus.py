@@ -29,7 +29,7 @@ def test_local_text_and_jsonl(tmp_path, text_corpus):
     jsonl.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(10)))
     assert len(load_corpus(CorpusConfig(source=str(jsonl), heldout_fraction=0.2)).heldout) == 2
     jsonl.write_text('{"body": "x"}\n{"body": "y"}\n')
-    with pytest.raises(CorpusError, match=r"docs.jsonl:1 is not a JSON object with a 'text' field"):
+    with pytest.raises(ParameterError, match=r"source=.*docs.jsonl.*line 1 is not a JSON object with a 'text' field"):
         load_corpus(CorpusConfig(source=str(jsonl)))
 
 
