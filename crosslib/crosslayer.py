@@ -62,6 +62,7 @@ import pandas as pd
 import safetensors
 import safetensors.numpy
 import scipy.sparse
+import scipy.stats
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
@@ -911,6 +912,49 @@ def gate_candidates(
     return pd.DataFrame.from_records(records, columns=columns)
 
 
+def _exactly_two_probability(pass_probability: Float[np.ndarray, "candidate target"]) -> Float[np.ndarray, "target"]:
+    """P(exactly two of the independent candidates pass) per target (a Poisson-binomial count)."""
+    counts = np.zeros((3, pass_probability.shape[1]))  # P(0), P(1), P(2) passing so far
+    counts[0] = 1.0
+    for p in pass_probability:
+        counts = np.stack([counts[0] * (1 - p), counts[1] * (1 - p) + counts[0] * p, counts[2] * (1 - p) + counts[1] * p])
+    return counts[2]
+
+
+def gate_null_expectation(
+    stats_list: Sequence[PairStatistics] | PairStatistics, config: CrossLayerConfig | None = None
+) -> dict[str, float]:
+    """Expected number of AND and OR gate candidates if the two layers' activity were unrelated.
+
+    The null shuffles the rows of one layer against the other while keeping every feature's
+    firing count. Then the co-active count of A and B is hypergeometric (n rows, |A| marked, |B|
+    drawn), so the chance that necessity P(A|B) or sufficiency P(B|A) reaches config.gate is a
+    hypergeometric tail; a downstream feature is a gate when exactly two upstream features pass,
+    which for independent inputs is a Poisson-binomial count. Summed over the downstream
+    features of every layer pair, this is the number of gate candidates `gate_candidates` would
+    report by chance alone. Returns {"AND": …, "OR": …}.
+    """
+    config = config or CrossLayerConfig()
+    expected = {"AND": 0.0, "OR": 0.0}
+    for stats in _as_list(stats_list):
+        up = stats.active_count_upstream.astype(np.int64)
+        down = stats.active_count_downstream.astype(np.int64)
+        n = int(stats.n_rows)
+        for gate, conditioned_on_down in (("AND", True), ("OR", False)):
+            condition = np.broadcast_to(down[None, :] if conditioned_on_down else up[:, None], (up.size, down.size))
+            needed = np.ceil(config.gate * condition - 1e-9).astype(np.int64)
+            probability = np.zeros(condition.shape)
+            counted = (condition >= config.gate_min_active) & (up[:, None] > 0) & (down[None, :] > 0)
+            # Co-activity can reach `needed` only when both features fire that often.
+            feasible = counted & (np.minimum(up[:, None], down[None, :]) >= needed)
+            if feasible.any():
+                ups = np.broadcast_to(up[:, None], condition.shape)[feasible]
+                downs = np.broadcast_to(down[None, :], condition.shape)[feasible]
+                probability[feasible] = scipy.stats.hypergeom.sf(needed[feasible] - 1, n, ups, downs)
+            expected[gate] += float(_exactly_two_probability(probability).sum())
+    return expected
+
+
 # --------------------------------------------------------------------------------------------
 # Graph and communities
 # --------------------------------------------------------------------------------------------
@@ -1009,7 +1053,8 @@ def summarise_cross_layer(
     disappear_fraction_L{l}, mean_pass_through_fraction, and_gates, or_gates, and — when a
     graph with communities (`assign_communities`) is given — graph_nodes, graph_edges,
     communities, largest_community, median_community_size, multi_layer_communities (those
-    spanning ≥ 2 layers).
+    spanning ≥ 2 layers), communities_spanning_3_layers and widest_community_layers (the most
+    layers one community spans).
     """
     config = config or CrossLayerConfig()
     stats_list = _as_list(stats_list)
@@ -1036,9 +1081,11 @@ def summarise_cross_layer(
         summary["communities"] = len(sizes)
         summary["largest_community"] = sizes[0] if sizes else 0
         summary["median_community_size"] = float(np.median(sizes)) if sizes else 0.0
-        summary["multi_layer_communities"] = sum(
-            len({graph.nodes[n]["layer"] for n in m}) >= 2 for m in members.values()
-        )
+        spans = [len({graph.nodes[n]["layer"] for n in m}) for m in members.values()]
+        summary["multi_layer_communities"] = sum(span >= 2 for span in spans)
+        # Edges only join adjacent layers, so spanning three layers takes at least two chained edges.
+        summary["communities_spanning_3_layers"] = sum(span >= 3 for span in spans)
+        summary["widest_community_layers"] = max(spans) if spans else 0
     return summary
 
 
@@ -1061,6 +1108,40 @@ def pass_through_over_time(
         frame.insert(0, "step", int(step))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def chains_over_time(
+    stats_by_step: Mapping[int, Sequence[PairStatistics]], config: CrossLayerConfig | None = None
+) -> pd.DataFrame:
+    """Do cross-layer chains exist at each compared snapshot? One row per training step.
+
+    A *chain* is a connected component of the layer graph (`layer_graph`, edges between
+    adjacent-layer features whose edge measure ≥ edge_threshold) that spans at least three
+    layers, i.e. at least two chained edges. Columns: step, graph_edges, chains, chain_features
+    (features inside a chain), live_features (features of any layer active at least once),
+    chain_share (chain_features / live_features), mean_pass_through_fraction.
+    """
+    if not isinstance(stats_by_step, Mapping) or not stats_by_step:
+        raise ParameterError("stats_by_step must be a non-empty mapping {training step: [PairStatistics, ...]}")
+    config = config or CrossLayerConfig()
+    records = []
+    for step in sorted(stats_by_step):
+        stats_list = _as_list(stats_by_step[step])
+        graph = layer_graph(stats_list, config)
+        chains = [c for c in nx.connected_components(graph) if len({graph.nodes[n]["layer"] for n in c}) >= 3]
+        live = {(s.upstream_layer, f) for s in stats_list for f in np.flatnonzero(s.alive_upstream)}
+        live |= {(s.downstream_layer, f) for s in stats_list for f in np.flatnonzero(s.alive_downstream)}
+        chain_features = sum(len(c) for c in chains)
+        records.append({
+            "step": int(step),
+            "graph_edges": graph.number_of_edges(),
+            "chains": len(chains),
+            "chain_features": chain_features,
+            "live_features": len(live),
+            "chain_share": chain_features / len(live) if live else math.nan,
+            "mean_pass_through_fraction": float(pass_through_fractions(stats_list, config)["pass_through_fraction"].mean()),
+        })
+    return pd.DataFrame.from_records(records)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ notebook can plot and quote:
 - `projection_matrix`: the mean cross-snapshot decoder projection P[θ, θ′];
 - `separability`: whether a bigger decoder norm really means a more linearly readable
   feature (a logistic probe per feature and snapshot, AUC against the decoder norm);
+  `within_feature_rank_correlation` / `separability_test`: the same question within each
+  feature, with a permutation p-value that keeps the shared trend over training;
 - `step_histogram`, `lifetime_histogram`, `summarise_emergence`: distributions and
   one-number summaries for the book's glue.
 
@@ -47,6 +49,7 @@ from crosslib.config import (
     require_fraction,
     require_positive,
 )
+from crosslib.statistics import correlate
 
 # Decoder weights / norms may come straight from the model (torch) or from disk (numpy).
 Decoder = Float[torch.Tensor, "snapshot feature d_model"] | Float[np.ndarray, "snapshot feature d_model"]
@@ -788,15 +791,6 @@ def auc_per_row(
         return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
-def _safe_correlation(function: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
-    result = function(x, y)
-    return float(result[0]), float(result[1])
-
-
 def separability(
     activations: Float[torch.Tensor, "row snapshot d_model"] | Float[np.ndarray, "row snapshot d_model"],
     feature_activations: Float[torch.Tensor, "row feature"] | Float[np.ndarray, "row feature"],
@@ -903,20 +897,92 @@ def separability(
             )
     table = pd.DataFrame.from_records(records)
     auc = table["auc"].to_numpy()
-    pearson_r, pearson_p = _safe_correlation(stats.pearsonr, table["decoder_norm"].to_numpy(), auc)
-    spearman_r, spearman_p = _safe_correlation(stats.spearmanr, table["decoder_norm"].to_numpy(), auc)
-    strength_spearman_r, _ = _safe_correlation(stats.spearmanr, table["strength"].to_numpy(), auc)
+    pooled = correlate(table["decoder_norm"].to_numpy(), auc)
     within = [
-        _safe_correlation(stats.spearmanr, group["decoder_norm"].to_numpy(), group["auc"].to_numpy())[0]
+        correlate(group["decoder_norm"].to_numpy(), group["auc"].to_numpy()).spearman_rho
         for _, group in table.groupby("feature")
     ]
     within_feature = float(np.nanmean(within)) if np.isfinite(within).any() else math.nan
     return SeparabilityResult(
         table=table,
-        pearson_r=pearson_r,
-        pearson_p=pearson_p,
-        spearman_r=spearman_r,
-        spearman_p=spearman_p,
-        strength_spearman_r=strength_spearman_r,
+        pearson_r=pooled.pearson_r,
+        pearson_p=pooled.pearson_p,
+        spearman_r=pooled.spearman_rho,
+        spearman_p=pooled.spearman_p,
+        strength_spearman_r=correlate(table["strength"].to_numpy(), auc).spearman_rho,
         within_feature_spearman=within_feature,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Within-feature association, free of the shared trend over training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WithinFeatureCorrelation:
+    """Does a feature's y rise where its *own* x rises, beyond what the shared trend over training gives?
+
+    statistic: mean over features of the Spearman correlation across snapshots of x_i and y_i.
+    null_mean: the same statistic averaged over permutations that pair feature i's x with another
+        feature's y. Both keep every feature's trend over training, so a correlation that only
+        comes from "everything grows with training time" is as large under the null.
+    p_value: one-sided permutation p-value, (1 + #{null ≥ statistic}) / (1 + n_permutations).
+    n_features: features with a finite, non-constant x and y across snapshots.
+    """
+
+    statistic: float
+    null_mean: float
+    p_value: float
+    n_features: int
+    n_permutations: int
+
+
+def _standardised_ranks(values: np.ndarray) -> np.ndarray:
+    ranks = stats.rankdata(values, axis=1)
+    centred = ranks - ranks.mean(axis=1, keepdims=True)
+    return centred / np.sqrt((centred**2).mean(axis=1, keepdims=True))
+
+
+def within_feature_rank_correlation(
+    x: Float[np.ndarray, "feature snapshot"],
+    y: Float[np.ndarray, "feature snapshot"],
+    *,
+    n_permutations: int = 2000,
+    seed: int = 0,
+) -> WithinFeatureCorrelation:
+    """Mean within-feature Spearman correlation of x and y across snapshots, with a permutation
+    p-value over features (see `WithinFeatureCorrelation`).
+
+    The pooled feature × snapshot correlation is confounded by training time: decoder norms and
+    probe AUCs both grow as the model trains. Pairing each feature's x with a randomly chosen
+    other feature's y keeps that confound and breaks only the feature's identity, so the test
+    asks whether *this* feature's strength tracks *its own* separability. Features whose row has
+    a non-finite value or is constant are left out.
+    """
+    x = _to_numpy(x, "x")
+    y = _to_numpy(y, "y")
+    if x.shape != y.shape or x.ndim != 2:
+        raise ParameterError(f"x and y must be equal [feature, snapshot] arrays, got {x.shape} and {y.shape}")
+    require(isinstance(n_permutations, int) and n_permutations >= 1, "n_permutations", n_permutations,
+            "an integer ≥ 1")
+    usable = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1) & (np.ptp(x, axis=1) > 0) & (np.ptp(y, axis=1) > 0)
+    n_features = int(usable.sum())
+    if n_features < 2 or x.shape[1] < 3:
+        return WithinFeatureCorrelation(math.nan, math.nan, math.nan, n_features, n_permutations)
+    # pair_correlation[i, j] = Spearman(x_i, y_j): a Pearson correlation of standardised ranks.
+    pair_correlation = _standardised_ranks(x[usable]) @ _standardised_ranks(y[usable]).T / x.shape[1]
+    statistic = float(np.mean(np.diag(pair_correlation)))
+    rng = np.random.default_rng(seed)
+    rows = np.arange(n_features)
+    null = np.array([pair_correlation[rows, rng.permutation(n_features)].mean() for _ in range(n_permutations)])
+    p_value = float((1 + np.sum(null >= statistic - 1e-12)) / (1 + n_permutations))
+    return WithinFeatureCorrelation(statistic, float(null.mean()), p_value, n_features, n_permutations)
+
+
+def separability_test(result: SeparabilityResult, *, n_permutations: int = 2000, seed: int = 0
+                      ) -> WithinFeatureCorrelation:
+    """`within_feature_rank_correlation` of the decoder norm and the probe AUC of a `separability` run."""
+    norm = result.table.pivot(index="feature", columns="snapshot", values="decoder_norm").to_numpy()
+    auc = result.table.pivot(index="feature", columns="snapshot", values="auc").to_numpy()
+    return within_feature_rank_correlation(norm, auc, n_permutations=n_permutations, seed=seed)

@@ -76,12 +76,12 @@ import pandas as pd
 import torch
 from einops import einsum, reduce
 from jaxtyping import Bool, Float, Int
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
 from crosslib.crosscoder import ACTIVATIONS, SPARSITIES, Crosscoder, CrosscoderConfig
+from crosslib.statistics import correlate
 from crosslib.train import (TrainConfig, TrainResult, check_finite, evaluate, search_decoder_norm, train_crosscoder,
                             train_crosscoder_cached)
 
@@ -572,6 +572,17 @@ def formation_table(formation: FormationScores, config: SAETrackConfig | None = 
     })
 
 
+def formation_progress(formation: FormationScores, table: pd.DataFrame) -> Float[np.ndarray, " snapshot"]:
+    """Per checkpoint, the median over formed features of score / final score (NaN with no formed
+    feature): 1 at the last checkpoint; a steady rise means features form progressively, a step
+    means they form at once."""
+    formed = table["formed"].to_numpy(dtype=bool)
+    if not formed.any():
+        return np.full(formation.scores.shape[0], np.nan)
+    relative = formation.scores[:, formed] / formation.scores[-1, formed][None, :]
+    return np.nanmedian(relative, axis=1)
+
+
 def formed_mask(table: pd.DataFrame, n_snapshots: int) -> Bool[np.ndarray, "snapshot feature"]:
     """formed[k, i]: feature i has formed by snapshot k (k ≥ its formation snapshot)."""
     first = table["formation_snapshot"].to_numpy()
@@ -612,6 +623,23 @@ def drift_to_final(decoders: SAETrackChain | Float[Tensor, "snapshot feature d_m
     directions = _unit(_decoders_of(decoders).double())
     cosine = einsum(directions, directions[-1], "snapshot feature d_model, feature d_model -> snapshot feature")
     return cosine.numpy()
+
+
+def link_changes(decoders: SAETrackChain | Float[Tensor, "snapshot feature d_model"]
+                 ) -> Float[np.ndarray, "link feature"]:
+    """1 − cosine of each feature's decoder direction between consecutive checkpoints k → k+1.
+
+    The last links are the chain's noise floor: once a feature has settled, a link still moves
+    it a little (a short training run on new data). Drift to the final direction only means
+    something when it is much larger than that (see `crosslib.claims.decoder_drift`). NaN where a
+    decoder row is zero at either checkpoint.
+    """
+    weights = _decoders_of(decoders).double()
+    lengths = torch.linalg.vector_norm(weights, dim=-1)
+    directions = _unit(weights)
+    cosine = einsum(directions[:-1], directions[1:], "link feature d_model, link feature d_model -> link feature")
+    valid = (lengths[:-1] > 0) & (lengths[1:] > 0)
+    return torch.where(valid, 1.0 - cosine, torch.nan).numpy()
 
 
 PCA_CENTRES = ("global", "feature")
@@ -775,13 +803,6 @@ def match_features_by_activation(
                          "matched": (best_correlation >= min_correlation).numpy()})
 
 
-def _correlation(function: Any, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
-    result = function(x, y)
-    return float(result[0]), float(result[1])
-
-
 def compare_formation_emergence(
     formation: pd.DataFrame,
     emergence: pd.DataFrame,
@@ -815,10 +836,10 @@ def compare_formation_emergence(
     pairs = pairs.reset_index(drop=True)
     x = np.log1p(pairs["formation_step"].to_numpy(dtype=np.float64))
     y = np.log1p(pairs["emergence_step"].to_numpy(dtype=np.float64))
-    spearman_r, spearman_p = _correlation(stats.spearmanr, x, y)
-    pearson_r, pearson_p = _correlation(stats.pearsonr, x, y)
-    numbers = {"n_matched": int(len(matched)), "n_compared": int(len(pairs)), "spearman_r": spearman_r,
-               "spearman_p": spearman_p, "pearson_r": pearson_r, "pearson_p": pearson_p}
+    correlation = correlate(x, y)
+    numbers = {"n_matched": int(len(matched)), "n_compared": int(len(pairs)), "spearman_r": correlation.spearman_rho,
+               "spearman_p": correlation.spearman_p, "pearson_r": correlation.pearson_r,
+               "pearson_p": correlation.pearson_p}
     return pairs, numbers
 
 

@@ -185,14 +185,19 @@ def test_planted_pass_through_feature_is_found():
     assert pass_through_fractions([stats], CrossLayerConfig(pass_through=1.0)).pass_through_fraction.iloc[0] == 0.0
 
 
-def test_planted_and_and_or_gates_are_found():
+def planted_gates(rows: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+    """8 upstream and 6 downstream features; downstream 0 = AND(up 1, up 2), downstream 4 = OR(up 3, up 5)."""
     rng = np.random.default_rng(2)
-    rows, n_up, n_down = 3000, 8, 6
-    up = sparse_features(rng, rows, n_up)
-    down = sparse_features(rng, rows, n_down)
+    up = sparse_features(rng, rows, 8)
+    down = sparse_features(rng, rows, 6)
     size = rng.uniform(1.0, 2.0, rows)
-    down[:, 0] = ((up[:, 1] > 0) & (up[:, 2] > 0)) * size  # AND of upstream 1 and 2
-    down[:, 4] = ((up[:, 3] > 0) | (up[:, 5] > 0)) * size  # OR of upstream 3 and 5
+    down[:, 0] = ((up[:, 1] > 0) & (up[:, 2] > 0)) * size
+    down[:, 4] = ((up[:, 3] > 0) | (up[:, 5] > 0)) * size
+    return up, down
+
+
+def test_planted_and_and_or_gates_are_found():
+    up, down = planted_gates()
     stats = pair_statistics(batched([up, down], [1500, 1500]), progress=False)
     assert stats.necessity[1, 0] == 1.0 and stats.necessity[2, 0] == 1.0  # P(A | B) for the AND
     assert stats.sufficiency[3, 4] == 1.0 and stats.sufficiency[5, 4] == 1.0  # P(B | A) for the OR
@@ -367,3 +372,46 @@ def test_graph_page_works_in_headless_chromium(tmp_path):
         assert remote == []
     finally:
         driver.quit()
+
+
+def test_gate_null_expectation_is_small_for_planted_gates_and_matches_shuffled_rows():
+    from crosslib.crosslayer import gate_null_expectation
+
+    up, down = planted_gates()
+    rows = len(up)
+    stats = pair_statistics(batched([up, down], [3000]), progress=False)
+    null = gate_null_expectation(stats)
+    assert null["AND"] < 1e-6 and null["OR"] < 1e-6  # a gate at 0.999 is far beyond chance here
+    # With a loose gate threshold chance gates appear; the expectation agrees with shuffling rows.
+    loose = CrossLayerConfig(gate=0.3, gate_min_active=10)
+    expected = gate_null_expectation(stats, loose)
+    counts = []
+    for seed in range(40):
+        shuffled = down[np.random.default_rng(seed).permutation(rows)]
+        shuffled_stats = pair_statistics(batched([up, shuffled], [3000]), progress=False)
+        gates = gate_candidates(shuffled_stats, loose)
+        counts.append([(gates.gate == "AND").sum(), (gates.gate == "OR").sum()])
+    observed = np.mean(counts, axis=0)
+    assert expected["AND"] + expected["OR"] > 0.5
+    assert observed == pytest.approx([expected["AND"], expected["OR"]], abs=0.6)
+
+
+def test_communities_spanning_three_layers_and_chains_over_time():
+    from crosslib.crosslayer import chains_over_time
+
+    chain = layer_chain_statistics(batched(two_cluster_layers(), [2000]), progress=False)
+    config = CrossLayerConfig(edge_threshold=0.5, seed=7)
+    graph = layer_graph(chain, config)
+    assign_communities(graph, config)
+    summary = summarise_cross_layer(chain, config, graph=graph)
+    assert summary["communities_spanning_3_layers"] == 2 and summary["widest_community_layers"] == 3
+    # A snapshot whose layers are unrelated has no chain; the planted one has two spanning all three.
+    rng = np.random.default_rng(9)
+    unrelated = layer_chain_statistics(batched([sparse_features(rng, 2000, 6) for _ in range(3)], [2000]),
+                                       progress=False)
+    table = chains_over_time({10: unrelated, 100: chain}, config)
+    assert table["step"].tolist() == [10, 100]
+    assert table["chains"].tolist() == [0, 2] and table["chain_features"].tolist() == [0, 18]
+    assert table["chain_share"].tolist() == pytest.approx([0.0, 1.0])
+    with pytest.raises(ParameterError):
+        chains_over_time({}, config)

