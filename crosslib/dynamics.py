@@ -260,7 +260,7 @@ def learning_dynamics(
     steps: list[int] | None = None,
     config: DynamicsConfig = DynamicsConfig(),
     *,
-    corpus: CorpusConfig | None = None,
+    corpus: CorpusConfig | str | dict[str, Any] | None = None,
     device: str = "cpu",
     progress: bool = True,
 ) -> pd.DataFrame:

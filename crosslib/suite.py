@@ -367,13 +367,15 @@ class TokenStreamKey(Config):
     tokenizer: str  # sha256 of the tokenizer's serialised form
 
 
-def suite_token_streams(suite: str | os.PathLike, corpus: CorpusConfig | None = None) -> dict[str, np.ndarray]:
-    """Train and held-out token streams for `suite`.
+def suite_token_streams(suite: str | os.PathLike, corpus: "CorpusConfig | str | dict[str, Any] | None" = None
+                        ) -> dict[str, np.ndarray]:
+    """Train and held-out token streams for `suite` (`corpus` as `as_corpus_config` takes it).
 
     A crosslib suite with no `corpus` given uses its own corpus and tokenization. Otherwise the
     corpus (default: Brown) is tokenized with the suite's own tokenizer (for Pythia, Pythia's) and
     cached by content.
     """
+    corpus = as_corpus_config(corpus)
     if corpus is None and (Path(suite) / "tokens_heldout.npy").is_file():
         return {split: corpus_tokens(suite, split) for split in ("train", "heldout")}
     from crosslib.artifacts import sha256_bytes
