@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.rank == 0:
             last = result.history[-1] if result.history else {}
             print(json.dumps({"world_size": ctx.world_size, "n_heads": ctx.n_heads, "path": str(result.path),
-                              "loss": last.get("loss"), "eval": result.eval}))
+                              "loss": last.get("loss"), "eval": result.eval, "seconds": round(result.seconds, 2),
+                              "steps_run": result.steps_run,
+                              "tokens_per_second": round(result.tokens_per_second, 1)}))
     finally:
         dist.destroy_process_group()
     return 0

@@ -176,6 +176,7 @@ class TrainResult:
     init: dict[str, Any]  # the decoder-norm search: {"decoder_norm": chosen, "mse": {norm: mse}}
     seconds: float = 0.0  # wall time of this call's training loop (no init search, no eval)
     steps_run: int = 0  # steps this call ran (fewer than n_steps when resumed or stopped)
+    tokens_per_second: float = 0.0  # rows (tokens) per second of that loop; from the stored record on a cache hit
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -570,12 +571,13 @@ def train_crosscoder(
     finally:
         bar.close()
     seconds = time.perf_counter() - loop_start
+    speed = {"seconds": seconds, "steps_run": steps_run,
+             "tokens_per_second": steps_run * train_config.batch_size / seconds if seconds > 0 else 0.0}
 
     model.compiled = False  # compiled kernels are specialised to the training batch shape; analyses run eagerly
     finished = (stop_after is None or stop_after >= n_steps)
     if not finished:
-        return TrainResult(model=model, history=history, eval={}, path=out, init=init_info, seconds=seconds,
-                           steps_run=steps_run)
+        return TrainResult(model=model, history=history, eval={}, path=out, init=init_info, **speed)
 
     model.eval()
     eval_metrics = {}
@@ -586,13 +588,13 @@ def train_crosscoder(
     if out is not None and is_main:
         full_model.save(out)
         atomic_write_json(out / TRAIN_FILE, {"identity": identity, "init": init_info,
-                                             "source_steps": list(steps) if steps is not None else None})
+                                             "source_steps": list(steps) if steps is not None else None, **speed})
         atomic_write_json(out / METRICS_FILE, {"history": history, "eval": eval_metrics})
         _remove_checkpoints(out)
     if parallel is not None:
         parallel.barrier()
     return TrainResult(model=full_model if is_main else model, history=history, eval=eval_metrics, path=out,
-                       init=init_info, seconds=seconds, steps_run=steps_run)
+                       init=init_info, **speed)
 
 
 def _try(fn, *args):
@@ -608,7 +610,8 @@ def load_result(directory: str | os.PathLike) -> TrainResult:
     metrics = read_json(directory / METRICS_FILE)
     info = read_json(directory / TRAIN_FILE)
     return TrainResult(model=Crosscoder.load(directory), history=metrics["history"], eval=metrics["eval"],
-                       path=directory, init=info.get("init", {}))
+                       path=directory, init=info.get("init", {}),
+                       **{name: info.get(name, 0) for name in ("seconds", "steps_run", "tokens_per_second")})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -246,6 +246,10 @@ def test_cached_training_is_keyed_by_content(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "train_crosscoder", lambda *a, **k: pytest.fail("trained twice"))
     again = train_crosscoder_cached(small_source(), SMALL_MODEL, SMALL_TRAIN, root=tmp_path, progress=False)
     assert again.path == first.path and same_weights(again.model, first.model)
+    # A cache hit still reports the training's speed, from the stored record.
+    assert (again.steps_run, again.seconds, again.tokens_per_second) == (
+        first.steps_run, first.seconds, first.tokens_per_second)
+    assert again.steps_run == SMALL_TRAIN.n_steps and again.tokens_per_second > 0
     other = small_source(seed=2)
     monkeypatch.undo()
     different = train_crosscoder_cached(other, SMALL_MODEL, SMALL_TRAIN, root=tmp_path, progress=False)
