@@ -54,7 +54,7 @@ import torch
 from einops import rearrange, reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.config import Config, ParameterError, require, require_choice
 from crosslib.crosscoder import Crosscoder

@@ -686,7 +686,7 @@ def score_features(
     """
     if on_llm_error not in ("raise", "skip"):
         raise ParameterError(f"on_llm_error={on_llm_error!r} is not allowed: choose one of ['raise', 'skip']")
-    from tqdm.auto import tqdm
+    from crosslib.progress import progress as tqdm
 
     rows = []
     # Iterate lazily: each item holds a feature's activations, so a generator keeps memory flat.

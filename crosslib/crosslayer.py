@@ -65,7 +65,7 @@ import scipy.sparse
 import scipy.stats
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import atomic_write_bytes, atomic_write_text
 from crosslib.config import Config, ParameterError, require, require_choice, require_positive

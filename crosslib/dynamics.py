@@ -41,7 +41,7 @@ import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import atomic_write_text, build_artifact, sha256_bytes
 from crosslib.config import Config, require, require_fraction, require_positive

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import atomic_write_json, atomic_write_text, build_artifact, read_json, sha256_file
 from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive

@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.config import Config, ParameterError, require, require_fraction
 

@@ -54,7 +54,7 @@ from typing import Any, Iterator
 import safetensors.torch
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_json, build_artifact, read_json,
                                 sha256_bytes)

@@ -161,3 +161,17 @@ def test_bigram_entropy_and_cross_entropy_from_sparse_counts():
     np.testing.assert_allclose(ngrams.bigram_neg_entropy, (dense * np.log(dense)).sum(1), rtol=1e-12)
     direct = -np.log(dense[tokens[:-1], tokens[1:]]).mean()
     assert ngrams.cross_entropy(tokens)[1] == pytest.approx(direct, rel=1e-12)
+
+
+def test_progress_bars_redraw_rarely_off_a_terminal():
+    """A kernel's stderr is not a terminal: 2000 updates must not become 2000 stored redraws."""
+    import io
+
+    from crosslib.progress import progress
+
+    stream = io.StringIO()
+    for _ in progress(range(2000), file=stream, desc="work", mininterval=0):
+        pass
+    redraws = [part for part in stream.getvalue().split("\r") if part.strip()]
+    assert 1 <= len(redraws) <= 3, redraws
+    assert "2000/2000" in redraws[-1]
