@@ -396,6 +396,7 @@ def execute_chapter(plan: ChapterPlan, out_dir: Path, preset: str, log: Log = pr
             ) from None
         seconds = time.perf_counter() - start
         nb = nbformat.read(str(tmp), as_version=4)
+        scrub_outputs(nb)
         nb.metadata["crosslib"] = {
             "run_key": plan.key,
             "notebook_hash": plan.notebook_hash,
@@ -412,6 +413,78 @@ def execute_chapter(plan: ChapterPlan, out_dir: Path, preset: str, log: Log = pr
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def scrub_outputs(nb: Any) -> None:
+    """Keep operational output out of a published chapter: stderr streams (progress bars, lock
+    waits, free disk) are dropped, and absolute paths of the data directory and the repository in
+    the other outputs become `<data>/...` and repository-relative paths, so that a page shows
+    neither the builder's file system nor anything that depends on timing."""
+    from crosslib.constants import data_dir
+
+    prefixes = [(str(data_dir()), "<data>"), (str(REPO_ROOT) + os.sep, "")]
+
+    def clean(text: Any) -> Any:
+        if isinstance(text, list):
+            return [clean(t) for t in text]
+        if not isinstance(text, str):
+            return text
+        for prefix, replacement in prefixes:
+            text = text.replace(prefix, replacement)
+        return text
+
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                continue
+            if "text" in output:
+                output["text"] = clean(output["text"])
+            for mime in ("text/plain", "text/html", "text/markdown"):
+                if mime in output.get("data", {}):
+                    output["data"][mime] = clean(output["data"][mime])
+            kept.append(output)
+        cell["outputs"] = kept
+
+
+_STALE_TMP = re.compile(r"^\..+\.\d+\.tmp\.ipynb$")
+
+
+def clean_stale_files(out_dir: Path, data: Path | None = None) -> list[Path]:
+    """Remove what killed runs left behind, and only that: `chapters/.NN_name.<pid>.tmp.ipynb`
+    files (call while holding the book's lock: no other run can be writing them) and empty
+    `<data>/<kind>/<key>.partial` directories whose build lock is free. Returns what was removed."""
+    from filelock import FileLock, Timeout
+
+    from crosslib.constants import data_dir
+
+    removed = []
+    chapters = out_dir / CHAPTER_DIR
+    if chapters.is_dir():
+        for path in chapters.iterdir():
+            if path.is_file() and _STALE_TMP.match(path.name):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    data = Path(data) if data is not None else data_dir()
+    for partial in sorted(data.glob("*/*.partial")) if data.is_dir() else []:
+        if not partial.is_dir() or any(partial.iterdir()):
+            continue  # a non-empty .partial is resumable work
+        lock = FileLock(str(partial.with_name(partial.name.removesuffix(".partial") + ".lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a build is using it right now
+        try:
+            with contextlib.suppress(OSError):
+                partial.rmdir()
+                removed.append(partial)
+        finally:
+            lock.release()
+    if removed:
+        print(f"removed {len(removed)} stale file(s) left by interrupted runs", file=sys.stderr, flush=True)
+    return removed
 
 
 def _keep_failed(tmp: Path, out_dir: Path, name: str) -> Path | None:
@@ -718,6 +791,7 @@ def build_book(
     check_out_dir(out, book_dir)
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
     with locked(out / BUILD_DIR / ".crosslib-book.lock", message=f"waiting for another `crosslib book` using {out}"):
+        clean_stale_files(out)
         if html:
             ensure_mathjax(book_dir, log)
         if out != book_dir:

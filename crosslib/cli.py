@@ -1,6 +1,7 @@
 """`crosslib` command line: a thin dispatcher; each subcommand lives in its own module.
 
     crosslib book [--preset tiny] [-p name=value ...] [--chapter NAME ...] [--out DIR] [--force]
+    crosslib verify [PATH ...]
 
 A subcommand is registered in `SUBCOMMANDS` as (module, help); the module provides
 `add_arguments(parser)` and `run_from_args(args) -> int`. Modules are imported only when their
@@ -17,6 +18,7 @@ from typing import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "book": ("crosslib.book", "execute the chapter notebooks (papermill) and build the HTML book"),
     "fetch": ("crosslib.fetch", "download once what the default book needs (Brown corpus, MathJax)"),
+    "verify": ("crosslib.verify", "re-hash every artifact under the data directory (or the given ones) against its checksums"),
 }
 
 

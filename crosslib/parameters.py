@@ -226,6 +226,19 @@ def _config(build: Callable[[], Any], name: str, value: Any) -> Any:
         raise ParameterError(f"{name}={value!r} is not allowed: {e}") from None
 
 
+def _as_parameters(build: Callable[[], Any], renames: Mapping[str, str]) -> Any:
+    """Build a config whose field names differ from the chapter's parameter names: an error about
+    field `gate` is reported as one about parameter `gate_threshold`, and so on."""
+    try:
+        return build()
+    except ParameterError as e:
+        message = str(e)
+        for field, parameter in renames.items():
+            if message.startswith(f"{field}="):
+                message = parameter + message[len(field):]
+        raise ParameterError(message) from None
+
+
 def suite_config_of(values: Mapping[str, Any]):
     """The `SuiteConfig` a chapter's `suite` and `suite_overrides` describe (None for suites
     crosslib did not train, such as Pythia on the hub)."""
@@ -287,7 +300,8 @@ def check_configs(values: Mapping[str, Any]) -> None:
         from crosslib.attribution import AttributionConfig, InterventionConfig
 
         AttributionConfig(ig_steps=v.get("ig_steps", 16))
-        InterventionConfig(ks=tuple(v.get("ablation_ks", (1,))), rank_by=v.get("rank_by", "attribution"), seed=seed_value)
+        _as_parameters(lambda: InterventionConfig(ks=tuple(v.get("ablation_ks", (1,))), rank_by=v.get("rank_by", "attribution"),
+                                                  seed=seed_value), {"ks": "ablation_ks"})
     if has("warm_fraction") or has("warm_lr_factor"):
         from crosslib.saetrack import SAETrackConfig
 
@@ -298,8 +312,9 @@ def check_configs(values: Mapping[str, Any]) -> None:
     if has("pass_through") or has("gate_threshold") or has("edge_threshold"):
         from crosslib.crosslayer import CrossLayerConfig
 
-        CrossLayerConfig(pass_through=v.get("pass_through", 0.95), gate=v.get("gate_threshold", 0.999),
-                         edge_threshold=v.get("edge_threshold", 0.5), seed=seed_value)
+        _as_parameters(lambda: CrossLayerConfig(pass_through=v.get("pass_through", 0.95), gate=v.get("gate_threshold", 0.999),
+                                                edge_threshold=v.get("edge_threshold", 0.5), seed=seed_value),
+                       {"gate": "gate_threshold"})
     if has("llm_model"):
         from crosslib.complexity import LLMRubricConfig
 
@@ -386,11 +401,13 @@ def check_memory(values: Mapping[str, Any], suite: Any = None, available: int | 
 def check_dictionary_memory(n_snapshots: int, d_model: int, dict_size: int, batch_size: int,
                             available: int | None = None, device_name: str = "cpu") -> None:
     """Refuse a dictionary whose training would not fit in memory, naming dict_size or batch_size
-    (whichever weighs more), with the estimate and the memory available."""
+    (the one to lower), with the estimate and the memory available."""
     free = available_memory(device_name) if available is None else available
     weights, batch = dictionary_training_bytes(n_snapshots, d_model, dict_size, batch_size)
     if weights + batch > free:
-        name, value = ("dict_size", dict_size) if weights >= batch else ("batch_size", batch_size)
+        # dict_size is at fault when even a batch of one row would not fit
+        too_big = sum(dictionary_training_bytes(n_snapshots, d_model, dict_size, 1)) > free
+        name, value = ("dict_size", dict_size) if too_big else ("batch_size", batch_size)
         raise ParameterError(
             f"{name}={value!r} is not allowed here: training a dictionary of {dict_size:,} features over "
             f"{n_snapshots} snapshot(s) of d_model={d_model} with batch_size={batch_size:,} needs about "
