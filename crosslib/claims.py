@@ -530,6 +530,9 @@ MIN_FORMATION_CHECKPOINTS = 3
 # Drift is real when the first checkpoint is at least 3× further from the final direction than
 # one late link moves a settled feature (the chain's noise floor) ...
 DRIFT_OVER_NOISE = 3.0
+# ... and it is a real turn at all: 1 − cosine ≥ 0.05 (cos 0.95, about 18°); below that the direction
+# has barely moved, whatever the noise floor ...
+MIN_DRIFT = 0.05
 # ... and it settles: the early links move directions at least twice as much as the late ones.
 # Pure link noise accumulates like a random walk (also far from the final direction after many
 # links) but moves every link by the same amount.
@@ -604,8 +607,8 @@ def decoder_drift(median_cosine_to_final: Sequence[float] | np.ndarray,
     third = max(1, change.size // 3)
     floor, early = float(change[-third:].mean()), float(change[:third].mean())
     total = 1.0 - float(cosine[0])
-    beyond_noise = total >= DRIFT_OVER_NOISE * max(floor, 1e-12)
-    settles = early >= SETTLE_RATIO * floor
+    beyond_noise = total >= MIN_DRIFT and total >= DRIFT_OVER_NOISE * floor
+    settles = early > 0 and early >= SETTLE_RATIO * floor
     measured = (f"median cosine to final {cosine[0]:.2f} at the first checkpoint; a late link moves "
                 f"{floor:.3f}, an early one {early:.3f} (1 − cosine)")
     if beyond_noise and settles:
@@ -614,7 +617,8 @@ def decoder_drift(median_cosine_to_final: Sequence[float] | np.ndarray,
     elif beyond_noise:
         verdict, reason = "partly", "far from the final direction, but every link moves about as much: may be link noise"
     else:
-        verdict, reason = "no", f"the drift is within {DRIFT_OVER_NOISE:g}× what one late link moves a settled feature"
+        verdict, reason = "no", (f"the drift is below {MIN_DRIFT} (1 − cosine) or within {DRIFT_OVER_NOISE:g}× what "
+                                 "one late link moves a settled feature")
     return ClaimResult(claim, paper, measured, verdict, reason)
 
 

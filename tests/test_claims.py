@@ -210,6 +210,8 @@ def test_decoder_drift_needs_more_than_a_low_first_cosine():
     # A first cosine well below 0.9 (the old rule's "yes"), but no more than late links move.
     noisy = np.full(9, 0.4)
     assert verdict(claims.decoder_drift(np.full(10, 0.5), noisy)) == "no"
+    # No drift at all: the directions never move (every change is zero).
+    assert verdict(claims.decoder_drift(np.ones(10), np.zeros(9))) == "no"
 
 
 # ---- chapter 7 --------------------------------------------------------------------------------
