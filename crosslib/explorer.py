@@ -43,7 +43,6 @@ import html
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -473,6 +472,17 @@ def read_data_file(path: str | os.PathLike) -> tuple[str, Any]:
     body = text.strip()[len(prefix) : -2]
     name, _, payload = body.partition(",")
     return json.loads(name), json.loads(payload)
+
+
+def explorer_table(data: str | os.PathLike) -> "pd.DataFrame":
+    """The explorer's index as a table: one row per live feature, category names, task lists."""
+    import pandas as pd
+
+    index = read_data_file(Path(data) / DATA_DIR / "index.js")[1]
+    table = pd.DataFrame(index["columns"]).drop(columns=["rho"])
+    table["category"] = [index["categories"][c] for c in table["category"]]
+    table["tasks"] = [[t for i, t in enumerate(index["tasks"]) if mask & (1 << i)] for mask in table["tasks"]]
+    return table.astype({c: float for c in ("emergence_step", "peak_step", "complexity", "llm_complexity")})
 
 
 # --------------------------------------------------------------------------------------------
