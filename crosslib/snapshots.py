@@ -26,6 +26,7 @@ one checkpoint under several step names. ``on_duplicate="warn"`` (or the environ
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -213,13 +214,19 @@ def _hub_weight_hashes(repo_id: str, step: int, cache_dir: str | os.PathLike | N
                     for p in sorted(snapshot.iterdir()) if p.suffix in WEIGHT_SUFFIXES}
     if os.environ.get("HF_HUB_OFFLINE"):
         return {}
+    return dict(_hub_metadata_hashes(repo_id, step))
+
+
+@functools.lru_cache(maxsize=4096)  # one request per revision and process
+def _hub_metadata_hashes(repo_id: str, step: int) -> tuple[tuple[str, str], ...]:
     try:
         from huggingface_hub import HfApi
 
         info = HfApi().model_info(repo_id, revision=f"step{step}", files_metadata=True)
-        return {f.rfilename: f.lfs.sha256 for f in info.siblings or [] if f.lfs and f.rfilename.endswith(WEIGHT_SUFFIXES)}
+        return tuple((f.rfilename, f.lfs.sha256) for f in info.siblings or []
+                     if f.lfs and f.rfilename.endswith(WEIGHT_SUFFIXES))
     except Exception:  # offline or unknown revision: nothing to compare
-        return {}
+        return ()
 
 
 def snapshot_fingerprint(suite: str | os.PathLike, step: int, *, cache_dir: str | os.PathLike | None = None

@@ -342,3 +342,23 @@ def test_too_small_split_names_n_tokens_and_suggests_a_larger_corpus(micro_suite
         as_corpus_config(3)
     with pytest.raises(ParameterError, match="corpus=.*fields from"):
         as_corpus_config({"sauce": "brown"})
+
+
+def test_duplicated_hub_revisions_are_found_from_the_cache_blob_ids(tmp_path, monkeypatch):
+    """In the Hugging Face cache, a revision's files link to blobs named by their SHA-256: equal names, equal weights."""
+    from crosslib.snapshots import DuplicateSnapshotError, check_distinct_snapshots
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "hub" / "models--org--model"
+    (repo / "blobs").mkdir(parents=True)
+    for blob in ("a" * 64, "b" * 64):
+        (repo / "blobs" / blob).write_bytes(b"weights")
+    for step, blob in ((0, "a" * 64), (1000, "b" * 64), (2000, "b" * 64)):
+        commit = f"{step:040x}"
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / f"step{step}").write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model.safetensors").symlink_to(Path("../../blobs") / blob)
+    assert check_distinct_snapshots("org/model", [0, 1000], cache_dir=tmp_path / "hub") == []
+    with pytest.raises(DuplicateSnapshotError, match=r"step1000 and step2000 \(model.safetensors\)"):
+        check_distinct_snapshots("org/model", [0, 1000, 2000], cache_dir=tmp_path / "hub")
