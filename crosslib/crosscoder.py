@@ -5,8 +5,13 @@ For snapshots θ = 1..S with normalised activations x̃^θ ∈ R^d at the same t
     h       = Σ_θ W_E^θ x̃^θ + b_E                          encoder sums over snapshots      [batch, feature]
     f_i^θ   = h_i · H(h_i ‖W_D,i^θ‖ − e^{t_i})             JumpReLU gated per snapshot      [batch, snapshot, feature]
     x̂^θ     = W_D^θ f^θ + b_D^θ                             decoder per snapshot            [batch, snapshot, d_model]
-    L       = Σ_θ ‖x̂^θ − x̃^θ‖²  +  λ Σ_i p̂_i (1 + p̂_i / s)   (mean over the batch)
+    L       = mean_θ ‖x̂^θ − x̃^θ‖²  +  λ Σ_i p̂_i (1 + p̂_i / s)   (mean over the batch)
     p̂_i     = mean over batch and θ of tanh(c · f_i^θ ‖W_D,i^θ‖)     ("tanh-quad": a smooth L0)
+
+Both terms average over the snapshots, as the authors' library computes the loss (a crosscoder's
+per-snapshot errors are averaged like tokens), so one λ puts the same pressure per snapshot on a
+crosscoder as on an S = 1 SAE, and a crosscoder over S copies of one snapshot has exactly that
+snapshot's SAE loss.
 
 A feature whose decoder norm is small at θ is off there. The gate acts on z = h‖W_D,i^θ‖ (the
 norm of the feature's contribution to x̂^θ): f = JumpReLU_θ(z)/‖W_D‖ with JumpReLU_θ(z) = z·H(z − θ),
@@ -24,7 +29,9 @@ windows that give every near-threshold activation a say in moving the threshold.
 default (the paper's value) and expose it as `bandwidth`.
 
 Variants: `relu` (f = ReLU(h) in every snapshot) with the Anthropic penalty λ Σ_i f_i Σ_θ‖W_D,i^θ‖
-(`sparsity="l1"`), and `topk` (the k features with the largest h_i Σ_θ‖W_D,i^θ‖ per token).
+(`sparsity="l1"`; as in Anthropic's crosscoder note both terms then *sum* over snapshots:
+L = Σ_θ ‖x̂^θ − x̃^θ‖² + λ Σ_θ Σ_i f_i^θ ‖W_D,i^θ‖, mean over the batch), and `topk` (the k features
+with the largest h_i Σ_θ‖W_D,i^θ‖ per token; its reconstruction term averages over snapshots).
 
 One implementation serves three uses:
   * a crosscoder over S snapshots;
@@ -71,7 +78,8 @@ from einops import einsum, rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from crosslib.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_json, read_json_object,
+                                sha256_bytes)
 from crosslib.config import Config, ParameterError, require, require_choice, require_positive
 
 ACTIVATIONS = ("jumprelu", "relu", "topk")
@@ -130,7 +138,7 @@ class CrosscoderOutput(NamedTuple):
     reconstruction: Float[Tensor, "batch snapshot d_model"]
     features: Float[Tensor, "batch snapshot feature"]
     loss: Tensor  # reconstruction_loss + λ · sparsity_loss (this process's share when sharded)
-    reconstruction_loss: Tensor  # Σ_θ ‖x̂^θ − x̃^θ‖², mean over the batch
+    reconstruction_loss: Tensor  # ‖x̂^θ − x̃^θ‖², mean over the batch and θ (sum over θ for sparsity="l1")
     sparsity_loss: Tensor  # Σ_i ψ(p̂_i), without λ
     squared_error: Float[Tensor, " snapshot"]  # Σ_batch ‖x̂^θ − x̃^θ‖² (detached)
     active: Int[Tensor, "snapshot feature"]  # rows of the batch where f_i^θ > 0 (detached)
@@ -231,6 +239,13 @@ def _jumprelu_tanh_backward(
 
 
 _COMPILED: dict[str, Any] = {}
+# Inductor's C++ code for these kernels is generated for 256-bit vectors; on a CPU with AVX-512 it was
+# compiled for 512-bit ones, and a loop stepping 8 floats then stored 16: with bf16 inputs, S = 1 and
+# F = 512 or 2048 that wrote 32 bytes past a buffer ("double free or corruption", NaN or inf losses on
+# some CPUs). Generating and compiling for 256 bits (AVX2, which every x86-64 CPU we support has) gives
+# the same code on AVX2, AVX-512 and AMX machines; tests/test_kernels.py runs every kernel against the
+# eager one over many shapes, in a process that aborts on heap corruption.
+COMPILE_SIMD_BITS = 256
 _COMPILE_FAILED: list[str] = []
 EAGER_CHUNK_ELEMENTS = 1 << 22  # eager kernels run over feature chunks of at most this many elements
 
@@ -256,7 +271,7 @@ def _kernel(name: str, compiled: bool):
         # one specialised compilation per shape: a notebook that trains SAEs and crosscoders of several
         # sizes in one process needs more than dynamo's default 8 before it falls back to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[name] = torch.compile(eager, dynamic=False)
+        _COMPILED[name] = torch.compile(eager, dynamic=False, options={"cpp.simdlen": COMPILE_SIMD_BITS})
     return _COMPILED[name]
 
 
@@ -733,7 +748,9 @@ class Crosscoder(nn.Module):
 
         x_batch_last = rearrange(x, "batch snapshot d_model -> snapshot d_model batch")
         error, x_square_sum, x_sum = SquaredError.apply(x_hat, x_batch_last, self.compiled)  # Σ_batch ‖x̂^θ − x̃^θ‖²
-        reconstruction_loss = error.sum() / rows
+        # the paper's objective (tanh-quad, and topk) averages the squared error over the batch and the
+        # snapshots, like the authors' library; Anthropic's l1 objective sums it over snapshots
+        reconstruction_loss = error.sum() / (rows if cfg.sparsity == "l1" else rows * snapshots)
         if parallel is not None:
             phi_sum = parallel.sum_penalty_statistic(phi_sum)  # p̂ averages over every process's rows and snapshots
         sparsity_loss = self.sparsity_penalty(phi_sum, rows, snapshots)
@@ -838,7 +855,7 @@ class Crosscoder(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, *, device: Any = "cpu") -> "Crosscoder":
         directory = Path(directory)
-        meta = read_json(directory / CONFIG_FILE)
+        meta = read_json_object(directory / CONFIG_FILE, ("format", "config", "sha256"), parameter="directory")
         if meta.get("format") != FORMAT:
             raise ArtifactError(f"{directory / CONFIG_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
         model = cls(CrosscoderConfig.from_dict(meta["config"]), initialise=False)
@@ -869,7 +886,7 @@ def load_tensors(path: Path, sha256: str | None, expected: dict[str, Tensor]) ->
 
 
 def read_model_config(directory: str | Path) -> CrosscoderConfig:
-    return CrosscoderConfig.from_dict(read_json(Path(directory) / CONFIG_FILE)["config"])
+    return CrosscoderConfig.from_dict(read_json_object(Path(directory) / CONFIG_FILE, ("config",), parameter="directory")["config"])
 
 
 def model_fingerprint(model: Crosscoder) -> str:

@@ -39,7 +39,7 @@ import torch
 from einops import einsum, rearrange
 from jaxtyping import Bool, Float, Int
 from scipy import stats
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.config import (
     Config,

@@ -77,7 +77,7 @@ import torch
 from einops import einsum, reduce
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
+from crosslib.progress import progress as tqdm
 
 from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
 from crosslib.crosscoder import ACTIVATIONS, SPARSITIES, Crosscoder, CrosscoderConfig

@@ -132,7 +132,7 @@ def test_the_math_reads_like_the_equations():
         theta = m.log_threshold.exp()
         f = torch.stack([h * (h * norms[s] > theta) for s in range(2)], 1)  # [batch, snapshot, feature]
         x_hat = torch.stack([f[:, s] @ m.W_D[s] + m.b_D[s] for s in range(2)], 1)
-        recon = ((x_hat - x) ** 2).sum((1, 2)).mean()
+        recon = ((x_hat - x) ** 2).sum(2).mean((0, 1))  # mean over the batch and the snapshots
         p = torch.tanh(cfg.tanh_scale * f * norms[None]).mean((0, 1))
         penalty = (p * (1 + p / cfg.quad_scale)).sum()
     assert torch.allclose(out.features, f, atol=1e-6)
@@ -141,6 +141,56 @@ def test_the_math_reads_like_the_equations():
     assert torch.allclose(out.sparsity_loss, penalty, rtol=1e-5)
     assert torch.allclose(out.loss, recon + 0.3 * penalty, rtol=1e-5)
     assert torch.equal(out.active.long(), (f > 0).sum(0))
+
+
+def test_loss_by_hand_two_snapshots_three_features():
+    """x¹ = (1, 0), x² = (0, 2); h = (1, 1, 1); feature 0 lives in snapshot 1 only, feature 1 in snapshot 2
+    only, feature 2 in both (‖W_D‖ = 1 | 0, 0 | 2, 0.5 | 0.5; threshold 0.1): f¹ = (1, 0, 1), f² = (0, 1, 1),
+    x̂¹ = (1.5, 0), x̂² = (0, 2.5), so each snapshot's squared error is 0.25 and their mean is 0.25.
+    p̂ = (tanh 4 / 2, tanh 8 / 2, tanh 2) and Σ p̂(1 + p̂/0.01) = 144.86507461150313."""
+    m = Crosscoder(CrosscoderConfig(n_snapshots=2, d_model=2, dict_size=3, decoder_init_norm=1.0))
+    with torch.no_grad():
+        m.W_E.copy_(torch.tensor([[[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], [[0.0, 0.0, 0.0], [0.0, 0.5, 0.0]]]))
+        m.W_D.copy_(torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.5, 0.0]], [[0.0, 0.0], [0.0, 2.0], [0.0, 0.5]]]))
+        m.b_E.zero_(), m.b_D.zero_(), m.log_threshold.fill_(math.log(0.1))
+    out = m(torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]), sparsity_coefficient=0.5)
+    assert torch.equal(out.features, torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]]))
+    assert out.reconstruction_loss.item() == pytest.approx(0.25, rel=1e-6)  # the sum over snapshots would be 0.5
+    assert out.sparsity_loss.item() == pytest.approx(144.86507461150313, rel=1e-5)
+    assert out.loss.item() == pytest.approx(72.68253730575157, rel=1e-5)
+
+
+def test_crosscoder_over_copies_of_one_snapshot_is_that_snapshots_sae():
+    """S identical snapshots, each with the SAE's decoder and 1/S of its encoder (so h is the SAE's): the same
+    loss, reconstruction and features; per snapshot the encoder gets the SAE's gradient, the decoder 1/S of it
+    (the S decoders together: the SAE's), the shared b_E and threshold the SAE's."""
+    S = 3
+    sae = _model(S=1, seed=11)
+    x1 = torch.randn(41, 1, 8, generator=torch.Generator().manual_seed(12))
+    cc = Crosscoder(sae.config.replace(n_snapshots=S), initialise=False)
+    with torch.no_grad():
+        cc.W_E.copy_(sae.W_E.expand(S, -1, -1) / S)
+        cc.W_D.copy_(sae.W_D.expand(S, -1, -1))
+        cc.b_D.copy_(sae.b_D.expand(S, -1))
+        cc.b_E.copy_(sae.b_E)
+        cc.log_threshold.copy_(sae.log_threshold)
+    for fused in (True, False):
+        sae.fused = cc.fused = fused
+        sae.zero_grad(), cc.zero_grad()
+        a = sae(x1, sparsity_coefficient=0.7)
+        b = cc(x1.expand(-1, S, -1), sparsity_coefficient=0.7)
+        a.loss.backward(), b.loss.backward()
+        assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-5)
+        assert b.reconstruction_loss.item() == pytest.approx(a.reconstruction_loss.item(), rel=1e-5)
+        assert b.sparsity_loss.item() == pytest.approx(a.sparsity_loss.item(), rel=1e-5)
+        for s in range(S):
+            assert torch.allclose(b.features[:, s], a.features[:, 0], atol=1e-6)
+            assert torch.allclose(b.reconstruction[:, s], a.reconstruction[:, 0], atol=1e-5)
+            assert torch.allclose(cc.W_E.grad[s], sae.W_E.grad[0], rtol=1e-4, atol=1e-6)
+            assert torch.allclose(cc.W_D.grad[s] * S, sae.W_D.grad[0], rtol=1e-4, atol=1e-6)
+            assert torch.allclose(cc.b_D.grad[s] * S, sae.b_D.grad[0], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(cc.b_E.grad, sae.b_E.grad, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(cc.log_threshold.grad, sae.log_threshold.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("activation, sparsity", [("jumprelu", "tanh-quad"), ("jumprelu", "l1"),
