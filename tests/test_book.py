@@ -374,3 +374,74 @@ def test_out_mirror_removes_only_what_it_wrote(tmp_path):
     assert not (out / "extra.md").exists()  # ours and no longer in the sources: removed
     assert (out / "notes.txt").read_text() == "the user's own note, added later"  # never ours: kept
     assert (out / "intro.md").is_file()
+
+
+# --------------------------------------------------------------------------- nothing operational in a published chapter
+
+
+@pytest.mark.slow
+def test_published_chapter_shows_no_absolute_path_and_no_lock_message(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("CROSSLIB_DATA", str(data))
+    lock_path = data / "activations" / "abc.lock"
+    lock_path.parent.mkdir(parents=True)
+    marker = tmp_path / "kernel-is-about-to-wait"
+    body = (
+        "from pathlib import Path\n"
+        "from crosslib.artifacts import display_path, locked\n"
+        "from crosslib.constants import data_dir\n"
+        f"Path({str(marker)!r}).touch()\n"
+        f"with locked({str(lock_path)!r}, message='waiting for another process building ' + str(data_dir())):\n"
+        "    pass\n"
+        "print('store at', data_dir() / 'activations' / 'abc', 'shown as', display_path(data_dir() / 'activations'))\n"
+    )
+    book_dir, nb_dir = make_project(tmp_path / "project", {"01_paths": ("x = 1", body)})
+    acquired = threading.Event()
+
+    def hold_the_lock_until_the_chapter_waits() -> None:
+        with FileLock(str(lock_path)):
+            acquired.set()
+            for _ in range(600):
+                if marker.exists():
+                    break
+                time.sleep(0.1)
+            time.sleep(0.5)  # the chapter is waiting now, and says so on stderr
+
+    holder = threading.Thread(target=hold_the_lock_until_the_chapter_waits)
+    holder.start()
+    acquired.wait()
+    build_book("tiny", book_dir=book_dir, notebook_dir=nb_dir, html=False, log=lambda line: None)
+    holder.join()
+    nb = nbformat.read(str(book_dir / "chapters" / "01_paths.ipynb"), as_version=4)
+    published = json.dumps([cell.get("outputs", []) for cell in nb.cells])  # everything the page shows of the run
+    assert "store at <data>/activations/abc shown as <data>/activations" in outputs_text(book_dir / "chapters" / "01_paths.ipynb")
+    assert str(tmp_path) not in published and "waiting for another process" not in published
+
+
+def test_stale_temporary_notebooks_and_empty_partials_are_cleaned_and_nothing_else(tmp_path):
+    from filelock import FileLock
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    (out / "chapters").mkdir(parents=True)
+    stale = out / "chapters" / ".01_intro.4242.tmp.ipynb"
+    mine = [out / "chapters" / "notes.ipynb", out / "chapters" / ".hidden.ipynb", out / "chapters" / "01_intro.ipynb"]
+    for path in [stale, *mine]:
+        path.write_text("{}")
+    (data / "activations").mkdir(parents=True)
+    empty = data / "activations" / "aaaa.partial"
+    resumable = data / "activations" / "bbbb.partial"
+    in_use = data / "activations" / "cccc.partial"
+    for d in (empty, resumable, in_use):
+        d.mkdir()
+    (resumable / "progress.jsonl").write_text("{}\n")
+    (data / "activations" / "dddd").mkdir()  # a published artifact's folder (empty here): not a .partial
+    lock = FileLock(str(data / "activations" / "cccc.lock"))
+    with lock:
+        removed = book.clean_stale_files(out, data)
+    assert sorted(removed) == sorted([stale, empty])
+    assert all(p.exists() for p in mine) and resumable.is_dir() and in_use.is_dir() and (data / "activations" / "dddd").is_dir()

@@ -556,3 +556,82 @@ def test_cuda_build_matches_cpu(store, suite, windows, tmp_path):
                                rtol=2e-3, atol=2e-3)
     batch = next(gpu.batches(16, device="cuda"))
     assert batch.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- verify once, then stamp
+
+
+def _age(folder: Path, seconds: float = 60) -> None:
+    """Make every file look last modified `seconds` ago (older than the racy-write window)."""
+    past = time.time() - seconds
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.utime(p, (past, past))
+
+
+def test_store_is_hashed_once_then_opened_by_stamp_and_verify_command_rehashes(store, tmp_path, monkeypatch, capsys):
+    from crosslib.cli import main
+
+    copy = tmp_path / "data" / KIND / store.path.name
+    shutil.copytree(store.path, copy)
+    (copy / STAMP_FILE).unlink(missing_ok=True)
+    _age(copy)
+    hashed = []
+    real_chunk_sha = cache_module._chunk_sha
+    monkeypatch.setattr(cache_module, "_chunk_sha", lambda *a: hashed.append(1) or real_chunk_sha(*a))
+    open_store(copy)
+    first = len(hashed)
+    assert first > 0  # the first open hashes every chunk
+    open_store(copy)
+    assert len(hashed) == first  # unchanged since verified: sizes and stamps only
+
+    # A flipped byte changes the modification time: the next open re-hashes and names the directory.
+    target = copy / "acts" / "step1.bin"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0x10
+    target.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=rf"Delete the directory {copy} and re-run `crosslib book`"):
+        open_store(copy)
+
+    # One that keeps the modification time is caught by the full check on demand.
+    data[100] ^= 0x10
+    target.write_bytes(bytes(data))
+    _age(copy)
+    open_store(copy)  # re-verified and stamped
+    stat = target.stat()
+    data[100] ^= 0x10
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    open_store(copy)  # the cheap check cannot see it
+    with pytest.raises(ArtifactError, match="chunk"):
+        open_store(copy, verify="full")
+    monkeypatch.setenv("CROSSLIB_DATA", str(tmp_path / "data"))
+    capsys.readouterr()
+    assert main(["verify"]) == 1
+    out = capsys.readouterr()
+    assert "1 corrupted" in out.out and f"Delete the directory {copy}" in out.err
+
+
+def test_derived_tables_carry_checksums_and_are_verified(tmp_path):
+    from crosslib.artifacts import CHECKSUMS_FILE, build_artifact, verify_artifact
+    from crosslib.config import Config
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class TableKey(Config):
+        n: int = 3
+
+    def build(folder: Path) -> None:
+        (folder / "metrics.csv").write_text("step,loss\n0,5.0\n1,4.0\n")
+        (folder / "metrics.json").write_text('{"loss": 4.0}\n')
+
+    folder = build_artifact("tables", TableKey(), build, root=tmp_path)
+    sums = json.loads((folder / CHECKSUMS_FILE).read_text())
+    assert set(sums) == {"metrics.csv", "metrics.json"}
+    assert build_artifact("tables", TableKey(), build, root=tmp_path) == folder  # intact: accepted
+    (folder / "metrics.csv").write_text("step,loss\n0,5.0\n1,0.0\n")  # same size, other numbers
+    with pytest.raises(ArtifactError, match=r"metrics\.csv does not match its checksum.*Delete the directory"):
+        build_artifact("tables", TableKey(), build, root=tmp_path)
+    (folder / "metrics.json").unlink()
+    with pytest.raises(ArtifactError, match=r"metrics\.json is missing"):
+        verify_artifact(folder)
