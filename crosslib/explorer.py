@@ -32,11 +32,14 @@ fast at tens of thousands of features:
                                   1 an active token, 2 merely shown)
 
 `write_explorer_page(data, out_dir)` copies the page and the data next to each other;
-`setup(app)` is a Sphinx extension that does so for the built book (see `ExplorerLink`).
+`show(data)` records the data in an executed chapter and links to the page; `setup(app)` is a
+Sphinx extension that then copies the page and the data into the built book.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import hashlib
 import html
@@ -60,7 +63,7 @@ ASSET_DIR = "explorer-assets"  # the page's script and style sheet, beside explo
 DATA_DIR = "explorer-data"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
-EXPLORER_MIME = "application/vnd.crosslib.explorer+json"
+GLUE_NAME = "crosslib_explorer_data"  # the hidden glue entry that tells the book build where the data are
 # Where the book's chapters (chapters/NN_name.html) find the page (the book's root).
 BOOK_PAGE_HREF = "../explorer.html"
 SEARCH_CLASSES = {"focus": 0, "active": 1, "shown": 2}
@@ -544,9 +547,7 @@ def feature_links(features: Sequence[int], page: str = BOOK_PAGE_HREF, label: st
 
 
 class ExplorerLink:
-    """What a chapter displays for its explorer: a link in the notebook and the book, plus the
-    data folder's location in a private output type that the Sphinx extension (`setup`) reads
-    to copy the page and its data into the built book."""
+    """A link to the explorer page, shown in the notebook and in the book (see `show`)."""
 
     def __init__(self, data: str | os.PathLike, text: str = "Open the feature explorer", page: str = BOOK_PAGE_HREF):
         self.data = Path(data).resolve()
@@ -555,11 +556,22 @@ class ExplorerLink:
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         link = f'<p><a class="cl-explorer-open" href="{html.escape(self.page)}"><b>{html.escape(self.text)}</b></a></p>'
-        return {"text/html": link, "text/plain": f"{self.text}: {self.page}", EXPLORER_MIME: {"data": str(self.data)}}
+        return {"text/html": link, "text/plain": f"{self.text}: {self.page}"}
+
+
+def show(data: str | os.PathLike, text: str = "Open the feature explorer", page: str = BOOK_PAGE_HREF) -> ExplorerLink:
+    """Put the explorer of `data` into the book: record the data folder in the executed notebook
+    (a hidden myst-nb glue entry, which the Sphinx extension `setup` reads to copy the page and
+    its data beside the book's pages) and return a link to the page for the cell to display."""
+    from myst_nb import glue
+
+    link = ExplorerLink(data, text, page)
+    glue(GLUE_NAME, str(link.data), display=False)
+    return link
 
 
 def explorer_data_in_notebook(path: str | os.PathLike) -> list[Path]:
-    """The explorer data folders that an executed notebook's outputs point to (`ExplorerLink`)."""
+    """The explorer data folders that an executed notebook recorded with `show`."""
     try:
         nb = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -567,9 +579,14 @@ def explorer_data_in_notebook(path: str | os.PathLike) -> list[Path]:
     found = []
     for cell in nb.get("cells", []):
         for output in cell.get("outputs", []) or []:
-            value = (output.get("data") or {}).get(EXPLORER_MIME)
-            if isinstance(value, dict) and isinstance(value.get("data"), str):
-                found.append(Path(value["data"]))
+            record = (output.get("metadata") or {}).get("scrapbook") or {}
+            if record.get("name") != GLUE_NAME:
+                continue
+            for mime, value in (output.get("data") or {}).items():
+                if mime.endswith("text/plain"):
+                    text = "".join(value) if isinstance(value, list) else value
+                    with contextlib.suppress(ValueError, SyntaxError):
+                        found.append(Path(ast.literal_eval(text)))
     return found
 
 
@@ -591,6 +608,6 @@ def _copy_into_build(app: Any, exception: Exception | None) -> None:
 
 def setup(app: Any) -> dict[str, Any]:
     """Sphinx extension: after an HTML build, copy the explorer page and the data that an
-    executed chapter's `ExplorerLink` points to into the book's root (`explorer.html`)."""
+    executed chapter recorded with `show` into the book's root (`explorer.html`)."""
     app.connect("build-finished", _copy_into_build)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

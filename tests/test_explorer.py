@@ -175,7 +175,12 @@ def test_page_is_written_beside_its_data_and_found_from_a_notebook(planted, tmp_
     assert weight["total"] > weight["at_open"] > weight["index"] > 0
     bundle = explorer.ExplorerLink(data)._repr_mimebundle_()
     assert 'href="../explorer.html"' in bundle["text/html"]
-    notebook = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "display_data", "data": bundle}]}]}
+    # `show` records the folder as a hidden glue entry, which the book build finds in the executed notebook.
+    glued = {"output_type": "display_data", "metadata": {"scrapbook": {"name": explorer.GLUE_NAME, "mime_prefix": ""}},
+             "data": {"application/papermill.record/text/plain": repr(str(data.resolve()))}}
+    other = {"output_type": "display_data", "metadata": {"scrapbook": {"name": "n_live"}},
+             "data": {"application/papermill.record/text/plain": "'/elsewhere'"}}
+    notebook = {"cells": [{"cell_type": "code", "outputs": [other, glued, {"output_type": "display_data", "data": bundle}]}]}
     (tmp_path / "nb.ipynb").write_text(json.dumps(notebook))
     assert explorer.explorer_data_in_notebook(tmp_path / "nb.ipynb") == [data.resolve()]
     assert explorer.feature_href(12) == "../explorer.html#feature-12"
