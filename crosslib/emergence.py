@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -258,6 +258,34 @@ def relative_strength(decoder_norms: Norms) -> Float[np.ndarray, "snapshot featu
     norms = _check_norms(decoder_norms)
     peak = norms.max(axis=0, keepdims=True)
     return np.divide(norms, peak, out=np.zeros_like(norms), where=peak > 0)
+
+
+MIN_FIRING_ROWS = 5  # default: a feature must fire on this many held-out rows at a snapshot to exist there
+
+
+class LiveNorms(NamedTuple):
+    norms: Float[np.ndarray, "snapshot feature"]  # decoder norms, 0 where the feature does not fire
+    dead: Bool[np.ndarray, " feature"]  # never fires on min_rows rows at any snapshot
+    firing: Bool[np.ndarray, "snapshot feature"]  # fires on at least min_rows rows there
+
+
+def firing_norms(decoder_norms: Norms, firing_counts: Any, min_rows: int = MIN_FIRING_ROWS) -> LiveNorms:
+    """The one dead-feature rule: a feature exists at a snapshot only where it fires.
+
+    A feature that never fires gets no decoder gradient, so its decoder keeps its initial direction and
+    norm and would look "persistent" by its norm alone. Here a feature that fires on fewer than `min_rows`
+    held-out rows at snapshot θ (`firing_counts[θ, i]`, from training's evaluation) counts as decoder norm 0
+    there (ρ = 0), and one that reaches `min_rows` at no snapshot is dead: leave it out of the emergence
+    statistics (pass `dead=` to them) and report how many there are.
+    """
+    norms = _check_norms(decoder_norms)
+    counts = np.asarray(firing_counts.detach().cpu().numpy() if isinstance(firing_counts, torch.Tensor) else firing_counts)
+    require(counts.shape == norms.shape, "firing_counts", f"shape {counts.shape}",
+            f"one count per (snapshot, feature): shape {norms.shape}")
+    require(isinstance(min_rows, (int, np.integer)) and not isinstance(min_rows, bool) and min_rows >= 1,
+            "min_firing_rows", min_rows, "an integer >= 1 (held-out rows)")
+    firing = counts >= min_rows
+    return LiveNorms(np.where(firing, norms, 0.0), ~firing.any(axis=0), firing)
 
 
 def _dead_mask(norms: np.ndarray, dead: FeatureSelection) -> np.ndarray:

@@ -68,6 +68,8 @@ CHECKPOINT_JSON = "checkpoint.json"
 # (an SAE with F=2048 on 1500 batches of 2048 is 6e9; a 16-snapshot crosscoder 1e11; unit tests ≤ 1e8).
 COMPILE_AUTO_ELEMENTS = 2_000_000_000
 METRICS_FILE = "metrics.json"
+FIRING_FILE = "firing_counts.safetensors"  # evaluate()'s firing counts per (snapshot, feature)
+FIRING_COUNTS = "firing_counts"
 TRAIN_FILE = "train.json"
 ARTIFACT_KIND = "dictionaries"
 
@@ -177,6 +179,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this call's training loop (no init search, no eval)
     steps_run: int = 0  # steps this call ran (fewer than n_steps when resumed or stopped)
     tokens_per_second: float = 0.0  # rows (tokens) per second of that loop; from the stored record on a cache hit
+    firing_counts: Tensor | None = None  # [snapshot, feature]: held-out rows on which each feature fires (evaluate)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -281,7 +284,9 @@ class MetricWindow:
 @torch.no_grad()
 def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int | None = None, batch_size: int = 4096,
              parallel: Any = None, device: Any = None, bf16: bool = False) -> dict[str, Any]:
-    """Per-snapshot explained variance 1 − Σ‖x̂−x‖²/Σ‖x−x̄‖², L0 and dead fraction on a split's rows."""
+    """Per-snapshot explained variance 1 − Σ‖x̂−x‖²/Σ‖x−x̄‖², L0 and dead fraction on a split's rows, and
+    `firing_counts` [snapshot, feature]: on how many of those rows each feature fires at each snapshot
+    (the evidence that a feature exists there; its decoder norm alone is not: see emergence.firing_norms)."""
     device = device if device is not None else model.W_E.device
     x_all = source.rows(split, limit=limit, normalise=True, device="cpu")
     if x_all.shape[0] == 0:
@@ -298,7 +303,7 @@ def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int 
             out = model(x, sparsity_coefficient=0.0, parallel=parallel)
         sums["squared_error"] += out.squared_error.double().cpu()
         sums["active"] += out.active.sum(1).double().cpu()
-        sums["fired"] += (out.active > 0).double().cpu()
+        sums["fired"] += out.active.double().cpu()  # rows on which each (snapshot, feature) fires
     rows = x_all.shape[0]
     if parallel is not None:
         sums = parallel.gather_snapshot_metrics(sums)
@@ -311,6 +316,7 @@ def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int 
         "l0": [round(float(v), 4) for v in sums["active"] / rows],
         "dead_fraction": [round(float(v), 6) for v in (sums["fired"] == 0).double().mean(1)],
         "dead_fraction_all": round(float((sums["fired"].sum(0) == 0).double().mean()), 6),
+        FIRING_COUNTS: sums["fired"].to(torch.int64),  # [snapshot, feature]; saved as its own file, not in JSON
     }
 
 
@@ -584,17 +590,22 @@ def train_crosscoder(
     if train_config.eval_rows > 0:
         eval_metrics = evaluate(model, source, split="eval", limit=train_config.eval_rows, parallel=parallel,
                                 device=device, bf16=train_config.bf16)
+    firing_counts = eval_metrics.pop(FIRING_COUNTS, None)
     full_model = model if parallel is None else parallel.gather_model(model, model_config)
     if out is not None and is_main:
         full_model.save(out)
         atomic_write_json(out / TRAIN_FILE, {"identity": identity, "init": init_info,
                                              "source_steps": list(steps) if steps is not None else None, **speed})
+        if firing_counts is not None:
+            data = safetensors.torch.save({FIRING_COUNTS: firing_counts.contiguous()})
+            atomic_write_bytes(out / FIRING_FILE, data)
+            eval_metrics[FIRING_COUNTS + "_sha256"] = sha256_bytes(data)
         atomic_write_json(out / METRICS_FILE, {"history": history, "eval": eval_metrics})
         _remove_checkpoints(out)
     if parallel is not None:
         parallel.barrier()
     return TrainResult(model=full_model if is_main else model, history=history, eval=eval_metrics, path=out,
-                       init=init_info, **speed)
+                       init=init_info, firing_counts=firing_counts, **speed)
 
 
 def _try(fn, *args):
@@ -604,13 +615,25 @@ def _try(fn, *args):
         return None
 
 
+def _load_firing_counts(directory: Path, eval_metrics: dict[str, Any]) -> Tensor | None:
+    expected = eval_metrics.get(FIRING_COUNTS + "_sha256")
+    if expected is None:
+        return None  # trained with eval_rows=0
+    path = directory / FIRING_FILE
+    data = path.read_bytes() if path.is_file() else b""
+    if sha256_bytes(data) != expected:
+        raise ArtifactError(f"{path} is missing or corrupted (its sha256 does not match metrics.json); "
+                            f"delete {directory} and run again")
+    return safetensors.torch.load(data)[FIRING_COUNTS]
+
+
 def load_result(directory: str | os.PathLike) -> TrainResult:
     """Read a finished training (model, metrics history, eval metrics) from its directory."""
     directory = Path(directory)
     metrics = read_json(directory / METRICS_FILE)
     info = read_json(directory / TRAIN_FILE)
     return TrainResult(model=Crosscoder.load(directory), history=metrics["history"], eval=metrics["eval"],
-                       path=directory, init=info.get("init", {}),
+                       path=directory, init=info.get("init", {}), firing_counts=_load_firing_counts(directory, metrics["eval"]),
                        **{name: info.get(name, 0) for name in ("seconds", "steps_run", "tokens_per_second")})
 
 
@@ -622,6 +645,9 @@ class DictionaryKey(Config):
     train: dict
     source: str
     init: str | None = None
+    # the training code's version where it changes results without changing a config: 2 = the reconstruction
+    # term averages over snapshots, and held-out firing counts are saved (dictionaries cached before are retrained)
+    objective: int = 2
 
 
 def train_crosscoder_cached(

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from crosslib.config import ParameterError
+from crosslib import emergence
 from crosslib.emergence import (
     EmergenceConfig,
     SeparabilityConfig,
@@ -337,3 +338,33 @@ def test_within_feature_rank_correlation_sees_through_the_shared_trend():
     # Constant rows are left out; too few features give NaN.
     tiny = within_feature_rank_correlation(np.ones((2, 5)), np.arange(10.0).reshape(2, 5))
     assert tiny.n_features == 0 and np.isnan(tiny.p_value)
+
+
+# ------------------------------------------------------------------------------------ features that never fire
+
+def test_a_feature_that_never_fires_is_dead_whatever_its_decoder_says():
+    """Feature 0 keeps its initial decoder norm but never fires: by its norm alone it is persistent; by
+    the firing rule it is dead. Feature 1 fires only from snapshot 2 on: its ρ is 0 before, so it emerges
+    there instead of counting as strong at initialisation."""
+    steps = [0, 1, 2, 3]
+    norms = np.array([[0.1, 0.6, 0.3], [0.1, 0.6, 0.3], [0.1, 0.9, 0.3], [0.1, 1.0, 0.3]])
+    counts = np.array([[0, 0, 40], [0, 2, 40], [0, 30, 40], [1, 50, 40]])
+    naive = emergence.emergence_table(norms, steps)
+    assert naive.loc[0, "category"] == "persistent" and naive.loc[1, "category"] == "persistent"
+    live = emergence.firing_norms(norms, counts, min_rows=5)
+    assert live.dead.tolist() == [True, False, False]
+    assert live.norms[:, 1].tolist() == [0.0, 0.0, 0.9, 1.0]  # fired on 0 and 2 < 5 rows: ρ = 0 there
+    table = emergence.emergence_table(live.norms, steps, dead=live.dead)
+    assert table["category"].tolist() == ["dead", "emergent", "persistent"]
+    assert table.loc[1, "emergence_step"] == 2
+    summary = emergence.summarise_emergence(table)
+    assert summary["n_alive"] == 2
+    # with a rule of one row, feature 0's single row at the last snapshot keeps it alive
+    assert not emergence.firing_norms(norms, counts, min_rows=1).dead[0]
+
+
+def test_firing_norms_refuses_mismatched_counts_and_bad_thresholds():
+    with pytest.raises(ParameterError, match="firing_counts"):
+        emergence.firing_norms(np.ones((3, 4)), np.ones((4, 3)))
+    with pytest.raises(ParameterError, match="min_firing_rows"):
+        emergence.firing_norms(np.ones((3, 4)), np.ones((3, 4)), min_rows=0)

@@ -18,6 +18,7 @@ import torch
 from crosslib.config import ParameterError
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
 from crosslib.sources import TensorSource, planted_features
+from crosslib.artifacts import ArtifactError
 from crosslib.train import (CHECKPOINT_JSON, DataError, TrainConfig, TrainingDiverged, load_result, train_crosscoder,
                             train_crosscoder_cached)
 
@@ -250,6 +251,17 @@ def test_cached_training_is_keyed_by_content(tmp_path, monkeypatch):
     assert (again.steps_run, again.seconds, again.tokens_per_second) == (
         first.steps_run, first.seconds, first.tokens_per_second)
     assert again.steps_run == SMALL_TRAIN.n_steps and again.tokens_per_second > 0
+    # held-out firing counts per (snapshot, feature) are saved, verified and read back
+    assert first.firing_counts.shape == (3, SMALL_MODEL.dict_size)
+    assert torch.equal(again.firing_counts, first.firing_counts)
+    dead = (first.firing_counts == 0).double().mean(1)
+    assert dead.tolist() == pytest.approx(first.eval["dead_fraction"], abs=1e-6)
+    assert first.firing_counts.sum(1).double().div(first.eval["rows"]).tolist() == pytest.approx(first.eval["l0"], abs=1e-3)
+    data = bytearray((first.path / "firing_counts.safetensors").read_bytes())
+    data[-1] ^= 1
+    (first.path / "firing_counts.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="firing_counts.safetensors"):
+        load_result(first.path)
     other = small_source(seed=2)
     monkeypatch.undo()
     different = train_crosscoder_cached(other, SMALL_MODEL, SMALL_TRAIN, root=tmp_path, progress=False)
