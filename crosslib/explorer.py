@@ -51,7 +51,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from crosslib.artifacts import ArtifactError, atomic_write_bytes, atomic_write_json, build_artifact, read_json, sha256_file
+from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_json, build_artifact, display_path, read_json,
+                                sha256_file)
+from crosslib.constants import data_dir
 from crosslib.complexity import ContextDepthConfig, ContextDepthScorer, LLMRubricConfig, LLMRubricScorer, score_features
 from crosslib.config import Config, ParameterError, content_hash, require
 from crosslib.dashboards import ContextConfig, TokenDecoder, TopContext, feature_contexts, reduce_snapshots, top_contexts
@@ -566,7 +568,7 @@ def show(data: str | os.PathLike, text: str = "Open the feature explorer", page:
     from myst_nb import glue
 
     link = ExplorerLink(data, text, page)
-    glue(GLUE_NAME, str(link.data), display=False)
+    glue(GLUE_NAME, display_path(link.data), display=False)  # `<data>/...`: no builder's path in the chapter
     return link
 
 
@@ -586,7 +588,8 @@ def explorer_data_in_notebook(path: str | os.PathLike) -> list[Path]:
                 if mime.endswith("text/plain"):
                     text = "".join(value) if isinstance(value, list) else value
                     with contextlib.suppress(ValueError, SyntaxError):
-                        found.append(Path(ast.literal_eval(text)))
+                        recorded = str(ast.literal_eval(text))
+                        found.append(data_dir() / recorded[len("<data>/"):] if recorded.startswith("<data>/") else Path(recorded))
     return found
 
 

@@ -162,7 +162,7 @@ def test_bad_input_is_refused_before_work(planted, tmp_path, monkeypatch):
         explorer.feature_href(-1)
 
 
-def test_page_is_written_beside_its_data_and_found_from_a_notebook(planted, tmp_path):
+def test_page_is_written_beside_its_data_and_found_from_a_notebook(planted, tmp_path, monkeypatch):
     model, store = planted
     data = explorer.prepare_explorer(model, store, WORDS, root=tmp_path / "cache", progress=False)
     page = explorer.write_explorer_page(data, tmp_path / "html")
@@ -183,5 +183,11 @@ def test_page_is_written_beside_its_data_and_found_from_a_notebook(planted, tmp_
     notebook = {"cells": [{"cell_type": "code", "outputs": [other, glued, {"output_type": "display_data", "data": bundle}]}]}
     (tmp_path / "nb.ipynb").write_text(json.dumps(notebook))
     assert explorer.explorer_data_in_notebook(tmp_path / "nb.ipynb") == [data.resolve()]
+    # inside the data directory the entry is written as `<data>/...` (no builder's path in a chapter)
+    monkeypatch.setenv("CROSSLIB_DATA", str(tmp_path / "cache"))
+    glued["data"] = {"application/papermill.record/text/plain": repr(explorer.display_path(data))}
+    assert glued["data"]["application/papermill.record/text/plain"].startswith("'<data>/explorer/")
+    (tmp_path / "nb.ipynb").write_text(json.dumps(notebook))
+    assert [p.resolve() for p in explorer.explorer_data_in_notebook(tmp_path / "nb.ipynb")] == [data.resolve()]
     assert explorer.feature_href(12) == "../explorer.html#feature-12"
     assert 'href="../explorer.html#feature-3"' in explorer.feature_links([3, 4])
