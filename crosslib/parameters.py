@@ -126,6 +126,15 @@ def mapping(name: str, value: Any) -> None:
     require(isinstance(value, Mapping), name, value, 'a mapping of names to values, e.g. {"repeat_fraction": 0.0}')
 
 
+def corpus(name: str, value: Any) -> None:
+    """None (the suite's own corpus) or a corpus source, as `CorpusConfig(source=...)` takes it."""
+    from crosslib.corpus import CorpusConfig
+
+    if value is None or isinstance(value, str) and value.startswith("hf:") and len(value) > 3:
+        return
+    _as_parameters(lambda: CorpusConfig(source=value), {"source": name})
+
+
 def _tasks() -> tuple[str, ...]:
     from crosslib.tasks import TASK_NAMES
 
@@ -142,6 +151,8 @@ def _scores() -> tuple[str, ...]:
 CHECKS: dict[str, Check] = {
     "suite": suite,
     "suite_overrides": mapping,
+    "corpus": corpus,
+    "split": choice(lambda: ("heldout", "train")),
     "steps": step_list,
     "time_steps": step_list,
     "hook": hook,
@@ -151,6 +162,7 @@ CHECKS: dict[str, Check] = {
     **{name: positive_int for name in (
         "n_windows", "induction_sequences", "n_tokens", "n_layer_tokens", "dict_size", "n_steps", "batch_size",
         "n_probe_features", "n_scored_features", "n_dashboards", "n_prompts", "ig_steps", "n_detail_windows",
+        "dynamics_batch_size", "features_per_shard", "n_contexts",
     )},
     "sparsity_coefficient": non_negative,
     "sparsity_coefficients": list_of(non_negative, "numbers >= 0"),

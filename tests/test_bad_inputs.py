@@ -37,6 +37,12 @@ BOOK_ROWS: list[tuple[str, list[str], str, str]] = [
     ("suite_overrides unknown name", ["-p", "suite_overrides={nope: 1}"], "suite_overrides", "repeat_fraction"),
     ("suite_overrides bad value", ["-p", "suite_overrides={repeat_fraction: 3}"], "repeat_fraction", "[0, 1]"),
     ("suite unknown", ["-p", "suite=nope"], "suite", "preset"),
+    ("corpus unknown", ["-p", "corpus=nope"], "corpus", "brown"),
+    ("corpus not a string", ["-p", "corpus=5"], "corpus", "brown"),
+    ("split unknown", ["-p", "split=test"], "split", "heldout"),
+    ("dynamics_batch_size zero", ["-p", "dynamics_batch_size=0"], "dynamics_batch_size", "positive"),
+    ("features_per_shard zero", ["-p", "features_per_shard=0"], "features_per_shard", "positive"),
+    ("n_contexts negative", ["-p", "n_contexts=-1"], "n_contexts", "positive"),
     ("seed negative", ["-p", "seed=-1"], "seed", "0..2**32-1"),
     ("steps empty", ["-p", "steps=[]"], "steps", "non-empty list"),
     ("steps zero", ["-p", "steps=0"], "steps", "list"),
@@ -111,6 +117,13 @@ def test_book_refuses_bad_input_naming_the_parameter(no_expensive_work, capsys, 
 def test_every_checked_parameter_has_a_bad_book_row():
     covered = {arg.split("=", 1)[0] for _, args, _, _ in BOOK_ROWS for arg in args if "=" in arg}
     assert set(CHECKS) <= covered, f"add a BOOK_ROWS row for {sorted(set(CHECKS) - covered)}"
+
+
+def test_every_parameter_a_chapter_declares_is_checked():
+    from crosslib.book import BOOK_DIR, NOTEBOOK_DIR, declared_parameters, toc_chapters
+
+    declared = {name for chapter in toc_chapters(BOOK_DIR) for name in declared_parameters(NOTEBOOK_DIR / f"{chapter}.ipynb")}
+    assert declared <= set(CHECKS), f"add a check to crosslib.parameters.CHECKS for {sorted(declared - set(CHECKS))}"
 
 
 def test_good_values_are_accepted_and_integral_floats_become_ints(no_expensive_work):
