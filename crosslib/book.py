@@ -9,6 +9,12 @@
   chapter whose `parameters` cell declares the name) and `chapters` (chapter name -> parameters,
   overriding). Command-line `-p name=value` overrides both. A name that no chapter being run
   declares is an error, reported before anything runs.
+* **Checks first.** Every chapter's parameter values (its defaults with the preset and `-p`
+  values) are checked before anything runs: types against the `parameters` cell, values, the
+  configs they feed and a memory estimate (`crosslib.parameters`); a bad one exits 2 with one
+  line. Temporary notebooks and empty `.partial` directories left by killed runs are removed.
+* **Published output.** An executed chapter keeps no stderr output (progress, lock waits, free
+  disk) and shows data-directory paths as `<data>/...`.
 * **Incremental.** A chapter's run key hashes its notebook's cells, the parameters injected into
   it and the source of the `crosslib` package. The key is stored in the executed copy's metadata;
   a chapter whose key did not change is skipped. The HTML is rebuilt only when a source file or
