@@ -428,7 +428,7 @@ def _write_tokens(path: Path, tokens: np.ndarray) -> str:
 
 
 def _build(partial: Path, plan: _Plan) -> None:
-    from tqdm.auto import tqdm
+    from crosslib.progress import progress as tqdm
 
     from crosslib.snapshots import load_snapshot
 

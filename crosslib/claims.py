@@ -405,9 +405,13 @@ def complexity_rises_with_emergence(*, raw_step_r: float, raw_step_p: float, log
     log(step), or only with the offline context-depth proxy, is "partly". A positive r that is not
     significant is "no".
     """
-    paper_axis = _finite(raw_step_r, raw_step_p) and raw_step_r > 0 and raw_step_p < ALPHA
-    log_axis = _finite(log_step_r, log_step_p) and log_step_r > 0 and log_step_p < ALPHA
     label = "LLM rubric" if scorer == "llm" else "context depth (offline proxy)"
+    if not _finite(raw_step_r, raw_step_p, log_step_r, log_step_p):
+        return ClaimResult("Complexity correlates positively with emergence step", PAPER_COMPLEXITY,
+                           f"{label}: not measurable, {n} scored feature(s) that emerged", "no",
+                           "too few emerging features to correlate")
+    paper_axis = raw_step_r > 0 and raw_step_p < ALPHA
+    log_axis = log_step_r > 0 and log_step_p < ALPHA
     if paper_axis and scorer == "llm":
         verdict: Verdict = "yes"
         reason = f"positive with p < {ALPHA} on the step axis, with LLM scores"

@@ -701,7 +701,8 @@ def score_features(
                 raise
             row = {"complexity": np.nan, "consistency": None, "explanation": f"not scored: {e}", "scorer": scorer.name}
         rows.append({"feature": item.feature, **row})
-    table = pd.DataFrame(rows)
+    # (no features, e.g. a run where none emerges: the same columns, no rows)
+    table = pd.DataFrame(rows, columns=None if rows else ["feature", "complexity", "consistency", "explanation", "scorer"])
     if len(table):
         table["complexity"] = table["complexity"].astype("Int64" if table["complexity"].isna().any() else "int64")
         table["consistency"] = pd.array(table["consistency"].tolist(), dtype="Int64")
@@ -786,6 +787,20 @@ def complexity_vs_emergence(complexity: Sequence[float] | pd.Series, emergence_s
         raw_step=correlate(frame["complexity"].to_numpy(float), frame["step"].to_numpy()),
         per_score=per_score,
     )
+
+
+MIN_CORRELATED_FEATURES = 3  # fewer scored, emergent features than this: no correlation is computed or stated
+
+
+def correlation_sentence(result: ComplexityEmergence, scorer: str) -> str:
+    """The chapter's sentence on complexity versus emergence step, or why there is none (no `nan` in prose)."""
+    if result.n < MIN_CORRELATED_FEATURES or not math.isfinite(result.primary.pearson_r):
+        return (f"Only {result.n} scored feature(s) emerged during training in this run, too few to correlate "
+                "complexity with the emergence step.")
+    return (f"With the {scorer} scorer, complexity and log(1 + emergence step) correlate with Pearson "
+            f"r = {result.primary.pearson_r:.2f} (p = {result.primary.pearson_p:.2g}) and Spearman "
+            f"ρ = {result.primary.spearman_rho:.2f} (p = {result.primary.spearman_p:.2g}) over {result.n} features; "
+            f"with the raw step, r = {result.raw_step.pearson_r:.2f} (p = {result.raw_step.pearson_p:.2g}).")
 
 
 def merge_with_emergence(scores: pd.DataFrame, emergence: pd.DataFrame, step_column: str = "emergence_step") -> pd.DataFrame:

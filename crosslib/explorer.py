@@ -57,7 +57,7 @@ from crosslib.constants import data_dir
 from crosslib.complexity import ContextDepthConfig, ContextDepthScorer, LLMRubricConfig, LLMRubricScorer, score_features
 from crosslib.config import Config, ParameterError, content_hash, require
 from crosslib.dashboards import ContextConfig, TokenDecoder, TopContext, feature_contexts, reduce_snapshots, top_contexts
-from crosslib.emergence import EmergenceConfig, emergence_table
+from crosslib.emergence import MIN_FIRING_ROWS, EmergenceConfig, emergence_table, firing_norms
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PAGE_FILES = ("explorer.html", "explorer.js", "explorer.css")  # templates/ → the page's folder
@@ -102,6 +102,7 @@ class ExplorerConfig(Config):
     features_per_shard: int = 64
     postings_per_search_shard: int = 20_000
     task_top_n: int = 10
+    min_firing_rows: int = MIN_FIRING_ROWS  # with firing counts: chapter 3's rule for where a feature exists
     title: str = "Feature explorer"
 
     def validate(self) -> None:
@@ -117,6 +118,8 @@ class ExplorerConfig(Config):
         require(_is_int(self.postings_per_search_shard) and self.postings_per_search_shard >= 100,
                 "postings_per_search_shard", self.postings_per_search_shard, "an integer ≥ 100")
         require(_is_int(self.task_top_n) and self.task_top_n >= 1, "task_top_n", self.task_top_n, "an integer ≥ 1")
+        require(_is_int(self.min_firing_rows) and self.min_firing_rows >= 1, "min_firing_rows", self.min_firing_rows,
+                "an integer ≥ 1 (held-out rows)")
         require(isinstance(self.title, str), "title", self.title, "a string")
 
 
@@ -131,6 +134,7 @@ class ExplorerKey(Config):
     tokenizer: str
     attributions: str
     llm_answers: str
+    firing_counts: str | None = None
     version: int = FORMAT_VERSION
 
 
@@ -291,6 +295,7 @@ def prepare_explorer(
     config: ExplorerConfig = ExplorerConfig(),
     attributions: Mapping[str, Any] | None = None,
     attribution_by: str = "attribution",
+    firing_counts: Any = None,
     chunk_features: int = 64,
     root: str | os.PathLike | None = None,
     progress: bool = True,
@@ -300,7 +305,9 @@ def prepare_explorer(
     model: a `crosslib.crosscoder.Crosscoder` over the store's snapshots; store: its
     `ActivationStore` (top contexts come from the held-out windows); tokenizer: what turns
     token ids into text (see `crosslib.dashboards.TokenDecoder`); attributions: task →
-    attribution (see `final_attribution_scores`). chunk_features: features encoded at a time
+    attribution (see `final_attribution_scores`). firing_counts: the dictionary's held-out firing
+    counts [snapshot, feature] (`TrainResult.firing_counts`): a feature then exists only where it
+    fires (`emergence.firing_norms`); without them, only features with a zero decoder are dead. chunk_features: features encoded at a time
     (memory: held-out positions × snapshots × chunk_features × 4 bytes; TopK models are refused).
     Returns the artifact folder, holding `explorer-data/` and `manifest.json`.
     """
@@ -323,10 +330,12 @@ def prepare_explorer(
         tokenizer=_tokenizer_identity(tokenizer),
         attributions=content_hash({t: hashlib.sha256(s.astype(np.float64).tobytes()).hexdigest() for t, s in task_scores.items()}),
         llm_answers=_llm_answers_identity(config.llm_model),
+        firing_counts=None if firing_counts is None else hashlib.sha256(
+            np.ascontiguousarray(np.asarray(firing_counts, dtype=np.int64)).tobytes()).hexdigest(),
     )
 
     def build(folder: Path) -> None:
-        _build(folder, model, store, tokenizer, config, task_scores, chunk_features, progress)
+        _build(folder, model, store, tokenizer, config, task_scores, firing_counts, chunk_features, progress)
 
     folder = build_artifact("explorer", key, build, root)
     verify_explorer(folder)
@@ -334,15 +343,17 @@ def prepare_explorer(
 
 
 def _build(folder: Path, model: Any, store: Any, tokenizer: Any, config: ExplorerConfig,
-           task_scores: dict[str, np.ndarray], chunk_features: int, progress: bool) -> None:
-    from tqdm.auto import tqdm
+           task_scores: dict[str, np.ndarray], firing_counts: Any, chunk_features: int, progress: bool) -> None:
+    from crosslib.progress import progress as tqdm
 
     from crosslib.pipeline import feature_activations
 
     steps = [int(s) for s in store.steps]
     n_snapshots = len(steps)
     norms = model.decoder_norms().detach().float().cpu().numpy()  # [snapshot, feature]
-    dead = norms.max(axis=0) < 1e-6 * max(float(norms.max()), 1e-30)
+    dead = norms.max(axis=0) <= 0
+    if firing_counts is not None:
+        norms, dead, _ = firing_norms(norms, np.asarray(firing_counts), config.min_firing_rows)
     table = emergence_table(norms, steps, config.emergence, dead=dead).set_index("feature")
     live = np.flatnonzero(~dead)
     decoder = TokenDecoder(tokenizer)

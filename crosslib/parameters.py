@@ -162,7 +162,7 @@ CHECKS: dict[str, Check] = {
     **{name: positive_int for name in (
         "n_windows", "induction_sequences", "n_tokens", "n_layer_tokens", "dict_size", "n_steps", "batch_size",
         "n_probe_features", "n_scored_features", "n_dashboards", "n_prompts", "ig_steps", "n_detail_windows",
-        "dynamics_batch_size", "features_per_shard", "n_contexts",
+        "dynamics_batch_size", "features_per_shard", "n_contexts", "min_firing_rows",
     )},
     "sparsity_coefficient": non_negative,
     "sparsity_coefficients": list_of(non_negative, "numbers >= 0"),

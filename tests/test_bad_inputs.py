@@ -58,6 +58,7 @@ BOOK_ROWS: list[tuple[str, list[str], str, str]] = [
     ("n_windows negative", ["-p", "n_windows=-1"], "n_windows", "positive"),
     ("induction_sequences zero", ["-p", "induction_sequences=0"], "induction_sequences", "positive"),
     ("n_probe_features zero", ["-p", "n_probe_features=0"], "n_probe_features", "positive"),
+    ("min_firing_rows zero", ["-p", "min_firing_rows=0"], "min_firing_rows", "positive"),
     ("n_scored_features negative", ["-p", "n_scored_features=-1"], "n_scored_features", "positive"),
     ("n_dashboards negative", ["-p", "n_dashboards=-3"], "n_dashboards", "positive"),
     ("n_prompts zero", ["-p", "n_prompts=0"], "n_prompts", "positive"),

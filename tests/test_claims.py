@@ -148,6 +148,10 @@ def test_complexity_rises_with_emergence():
     weak = claims.complexity_rises_with_emergence(raw_step_r=0.1, raw_step_p=0.4, log_step_r=0.12,
                                                   log_step_p=0.3, n=40, scorer="llm")
     assert verdict(weak) == "no"
+    nan = float("nan")  # no emerging feature was scored: said in words, no "nan" in the table
+    none = claims.complexity_rises_with_emergence(raw_step_r=nan, raw_step_p=nan, log_step_r=nan, log_step_p=nan,
+                                                  n=0, scorer="context depth")
+    assert verdict(none) == "no" and "not measurable" in none.measured and "nan" not in none.measured
 
 
 def test_complexity_scored_by_llm():

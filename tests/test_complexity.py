@@ -320,3 +320,17 @@ def test_api_key_echoed_by_the_endpoint_or_the_model_is_redacted(llm_env, contex
     assert DUMMY_KEY not in path.read_text() and "[redacted API key]" in path.read_text()
     captured = capsys.readouterr()
     assert DUMMY_KEY not in captured.out + captured.err
+
+
+def test_no_emergent_features_gives_a_sentence_not_nan():
+    from crosslib import complexity
+
+    empty = complexity.score_features(complexity.ContextDepthScorer(complexity.ContextDepthConfig()), [], progress=False)
+    emergence = pd.DataFrame({"feature": pd.Series([], dtype=int), "emergence_step": pd.Series([], dtype=float)})
+    merged = complexity.merge_with_emergence(empty, emergence)
+    result = complexity.complexity_vs_emergence(merged["complexity"], merged["emergence_step"])
+    text = complexity.correlation_sentence(result, scorer="offline")
+    assert "too few" in text and "nan" not in text
+    full = complexity.complexity_vs_emergence([1, 2, 3, 4, 5, 2], [0, 10, 100, 1000, 2000, 50])
+    text = complexity.correlation_sentence(full, scorer="offline")
+    assert "Pearson r = 0." in text and "nan" not in text
