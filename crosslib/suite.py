@@ -14,6 +14,7 @@ The same notebooks accept a hub id (``"EleutherAI/pythia-160m-deduped"``) or any
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -300,7 +301,44 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
         "heldout_tokens": int(len(np.load(folder / "tokens_heldout.npy", mmap_mode="r"))),
         "tokens_seen": config.total_steps * config.batch_size * config.context_length,
         "seconds_this_run": round(time.perf_counter() - t0, 1),
+        # the same seed can train differently on another CPU (bf16 kernels round differently): say where it ran
+        "precision": "bf16 autocast" if config.bf16 else "fp32",
+        "machine": machine_description(),
     })
+
+
+def machine_description() -> dict[str, Any]:
+    """The CPU features that change a bf16 training run's numbers: ATen's kernel ISA, oneDNN's cap, AMX."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "threads": torch.get_num_threads()}
+
+
+def describe_training(suite: str | os.PathLike) -> str:
+    """One sentence on how a crosslib suite was trained (precision, CPU): bf16 kernels round differently on
+    AVX2, AVX-512 and AMX, so a run's numbers can differ from another machine's."""
+    record = suite_record(suite)
+    machine = record.get("machine")
+    if not machine:
+        return "" if not is_local_suite(suite) else "Its training precision and CPU were not recorded."
+    cpu = f"ATen {machine['aten_cpu_capability']} kernels" + (
+        f", oneDNN capped at {machine['onednn_max_cpu_isa']}" if machine.get("onednn_max_cpu_isa") else "")
+    features = ", ".join(name for name, on in (("AMX", machine.get("amx_bf16")), ("AVX-512-BF16", machine.get("avx512_bf16"))) if on)
+    return (f"It was trained with {record.get('precision', 'unrecorded precision')} on a CPU with {cpu}"
+            f"{' (' + features + ')' if features else ''}, {machine.get('threads')} thread(s).")
+
+
+def suite_record(suite: str | os.PathLike) -> dict[str, Any]:
+    """A crosslib-trained suite's `suite.json` (parameters, tokens, precision, machine); {} for other suites."""
+    path = Path(suite) / SUITE_FILE
+    return read_json(path) if is_local_suite(suite) and path.is_file() else {}
 
 
 def train_suite(config: SuiteConfig, *, root: str | os.PathLike | None = None, progress: bool = True,

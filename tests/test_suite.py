@@ -362,3 +362,19 @@ def test_duplicated_hub_revisions_are_found_from_the_cache_blob_ids(tmp_path, mo
     assert check_distinct_snapshots("org/model", [0, 1000], cache_dir=tmp_path / "hub") == []
     with pytest.raises(DuplicateSnapshotError, match=r"step1000 and step2000 \(model.safetensors\)"):
         check_distinct_snapshots("org/model", [0, 1000, 2000], cache_dir=tmp_path / "hub")
+
+
+def test_suite_records_its_precision_and_cpu(tmp_path):
+    import json
+
+    from crosslib.suite import describe_training, machine_description, suite_record
+
+    machine = machine_description()
+    assert machine["aten_cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "NO AVX"} or machine["aten_cpu_capability"]
+    assert isinstance(machine["amx_bf16"], bool) and machine["threads"] >= 1
+    suite = tmp_path / "s"
+    (suite / "step0").mkdir(parents=True)
+    (suite / "suite.json").write_text(json.dumps({"precision": "bf16 autocast", "machine": {**machine, "amx_bf16": True}}))
+    assert suite_record(suite)["precision"] == "bf16 autocast"
+    text = describe_training(suite)
+    assert "bf16 autocast" in text and "AMX" in text and machine["aten_cpu_capability"] in text
