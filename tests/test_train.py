@@ -314,3 +314,19 @@ def test_sparse_products_train_like_dense_ones_and_resume_exactly(tmp_path, monk
     train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "killed", progress=False, stop_after=9)
     resumed = train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "killed", progress=False)
     assert same_weights(resumed.model, sparse.model) and resumed.history == sparse.history
+
+
+def test_default_penalty_recovers_planted_features_at_the_tiny_presets_settings():
+    """tanh-quad + JumpReLU (the default) at the tiny preset's dictionary size, steps, batch and lr: most
+    planted features recovered (cosine ≥ 0.9) at an L0 within 2x the planted one (measured 100% at 1.6x)."""
+    source, truth = planted_features(n_rows=100_000, n_snapshots=1, d_model=128, n_shared=256, n_partial=0,
+                                     density=0.02, seed=0)
+    model_config = CrosscoderConfig(n_snapshots=1, d_model=128, dict_size=512)  # the default penalty and gate
+    train_config = TrainConfig(n_steps=600, batch_size=1024, lr=1e-3, sparsity_coefficient=1.0, eval_rows=8192,
+                               compile=False)
+    result = train_crosscoder(source, model_config, train_config, progress=False)
+    W = torch.nn.functional.normalize(result.model.W_D[0].detach().float(), dim=-1)
+    best = (W @ truth["directions"][:, 0].T).max(dim=0).values  # per planted feature
+    planted_l0 = 256 * 0.02
+    assert float((best >= 0.9).float().mean()) >= 0.8, best.sort().values[:10]
+    assert planted_l0 / 2 <= result.eval["l0"][0] <= 2 * planted_l0, result.eval["l0"]
