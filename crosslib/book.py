@@ -363,11 +363,63 @@ def kernel_environment() -> Iterator[None]:
                 os.environ["JUPYTER_PATH"] = old
 
 
-def execute_chapter(plan: ChapterPlan, out_dir: Path, preset: str, log: Log = print) -> float:
+HEARTBEAT_SECONDS = 30.0  # a chapter that printed no progress for this long gets a "still running" line
+
+
+@contextlib.contextmanager
+def follow_progress(name: str, log: Log, heartbeat: float = HEARTBEAT_SECONDS) -> Iterator[None]:
+    """While a chapter runs, print its progress bars' lines (see crosslib.progress) and, when none came
+    for `heartbeat` seconds, a line saying it is still running: plain lines, on a terminal or in a log."""
+    import threading
+
+    from crosslib.progress import PROGRESS_LOG_ENV
+
+    with tempfile.TemporaryDirectory(prefix="crosslib-progress-") as tmp:
+        path = Path(tmp) / "progress.log"
+        path.touch()
+        stop = threading.Event()
+        start = time.perf_counter()
+
+        def follow() -> None:
+            position, last = 0, time.perf_counter()
+            while True:
+                stopping = stop.wait(0.5)
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    f.seek(position)
+                    text = f.read()
+                    position = f.tell()
+                for line in text.splitlines():
+                    if line.strip():
+                        log(f"  {name}: {line.strip()}")
+                        last = time.perf_counter()
+                if stopping:
+                    return
+                if time.perf_counter() - last >= heartbeat:
+                    log(f"  {name}: running, {time.perf_counter() - start:.0f} s")
+                    last = time.perf_counter()
+
+        thread = threading.Thread(target=follow, daemon=True)
+        old = os.environ.get(PROGRESS_LOG_ENV)
+        os.environ[PROGRESS_LOG_ENV] = str(path)  # the kernel inherits the runner's environment
+        thread.start()
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(PROGRESS_LOG_ENV, None)
+            else:
+                os.environ[PROGRESS_LOG_ENV] = old
+            stop.set()
+            thread.join()
+
+
+def execute_chapter(plan: ChapterPlan, out_dir: Path, preset: str, log: Log = print,
+                    heartbeat: float = HEARTBEAT_SECONDS) -> float:
     """Execute one chapter into a temporary file and publish it atomically on success.
 
-    On failure raises `BookError` naming the chapter and the failing cell's error; the previous
-    executed copy stays, and the failed notebook is saved under `_build/failed/`.
+    While it runs, its progress is printed as plain lines (`follow_progress`). On failure raises
+    `BookError` naming the chapter and the failing cell's error; the previous executed copy stays,
+    and the failed notebook is saved under `_build/failed/`.
     """
     import nbformat
     import papermill
@@ -378,7 +430,7 @@ def execute_chapter(plan: ChapterPlan, out_dir: Path, preset: str, log: Log = pr
     start = time.perf_counter()
     try:
         try:
-            with kernel_environment():
+            with kernel_environment(), follow_progress(plan.name, log, heartbeat):
                 papermill.execute_notebook(
                     str(plan.source),
                     str(tmp),
@@ -804,6 +856,7 @@ def build_book(
             sync_sources(book_dir, out)
         log(f"preset {p.name}: {len(plans)} of {len(book_chapters)} chapter(s)" + (f" - {p.description}" if p.description else ""))
         ran, skipped = [], []
+        times: dict[str, float] = {}
         for plan in plans:
             if plan.reason is None:
                 log(f"skip {plan.name} (unchanged)")
@@ -814,6 +867,9 @@ def build_book(
             seconds = execute_chapter(plan, out, p.name, log)
             log(f"done {plan.name} in {seconds:.1f} s")
             ran.append(plan.name)
+            times[plan.name] = seconds
+        if times:
+            log(chapter_times_table(times))
         if not html:
             return BookResult(ran, skipped, False, None)
         never = [c for c in book_chapters if executed_metadata(out / CHAPTER_DIR / f"{c}.ipynb") is None]
@@ -822,6 +878,14 @@ def build_book(
             return BookResult(ran, skipped, False, None)
         built = build_html(out, force=force, log=log)
         return BookResult(ran, skipped, built, out / BUILD_DIR / "html")
+
+
+def chapter_times_table(times: dict[str, float]) -> str:
+    """The chapters this run executed and their wall time, with the total (printed at the end of a run)."""
+    width = max(len(name) for name in times)
+    lines = ["chapter times:"] + [f"  {name:<{width}}  {seconds:8.1f} s  ({seconds / 60:.1f} min)" for name, seconds in times.items()]
+    total = sum(times.values())
+    return "\n".join(lines + [f"  {'total':<{width}}  {total:8.1f} s  ({total / 60:.1f} min)"])
 
 
 def describe(

@@ -12,16 +12,42 @@ of life, a short one prints its first and last state only.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 from tqdm.std import tqdm
 
 NON_TERMINAL_INTERVAL = 30.0  # seconds between redraws off a terminal
+# `crosslib book` sets this to a file it follows: bars then go there as plain lines (which the runner
+# prints on the terminal or log) instead of into the executed notebook
+PROGRESS_LOG_ENV = "CROSSLIB_PROGRESS_LOG"
+PROGRESS_LOG_INTERVAL = 10.0  # seconds between lines in that file
+
+
+class _LineFile:
+    """A stream for tqdm that appends each redraw to a file as one plain line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").replace("\x1b[A", "").strip()
+        if line:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def flush(self) -> None:
+        pass
 
 
 def progress(iterable: Any = None, **options: Any) -> tqdm:
     """`tqdm(iterable, **options)` as a text bar, redrawn rarely when its stream is not a terminal."""
+    log = os.environ.get(PROGRESS_LOG_ENV)
+    if log and "file" not in options:
+        options.update(file=_LineFile(log), mininterval=PROGRESS_LOG_INTERVAL, maxinterval=PROGRESS_LOG_INTERVAL,
+                       ascii=True, ncols=100)
+        return tqdm(iterable, **options)
     stream = options.get("file") or sys.stderr
     isatty = getattr(stream, "isatty", None)
     if not (callable(isatty) and isatty()):

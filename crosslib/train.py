@@ -520,8 +520,10 @@ def train_crosscoder(
     batches: Iterator[Tensor] = source.batches(train_config.batch_size, seed=train_config.seed, start_batch=start,
                                                device="cpu")
     last_checkpoint = start if checkpoint is not None else None
-    bar = tqdm(total=n_steps, initial=start, disable=not (progress and is_main), desc="crosscoder", unit="step",
-               dynamic_ncols=True)
+    kind = (f"{model_config.n_snapshots} SAEs" if model_config.independent else
+            "SAE" if model_config.n_snapshots == 1 else f"crosscoder ({model_config.n_snapshots} snapshots)")
+    bar = tqdm(total=n_steps, initial=start, disable=not (progress and is_main), unit="step", dynamic_ncols=True,
+               desc=f"{kind}, {model_config.dict_size} features, λ = {train_config.sparsity_coefficient:g}")
     model.train()
     loop_start, steps_run = time.perf_counter(), 0
     try:

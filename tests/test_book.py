@@ -447,3 +447,28 @@ def test_stale_temporary_notebooks_and_empty_partials_are_cleaned_and_nothing_el
         removed = book.clean_stale_files(out, data)
     assert sorted(removed) == sorted([stale, empty])
     assert all(p.exists() for p in mine) and resumable.is_dir() and in_use.is_dir() and (data / "activations" / "dddd").is_dir()
+
+
+@pytest.mark.slow
+def test_running_chapter_streams_progress_and_heartbeats_but_keeps_them_out_of_the_page(tmp_path):
+    book_dir, nb_dir = make_project(tmp_path, {"01_slow": (
+        "n = 3",
+        "import time\nfrom crosslib.progress import progress\nfor i in progress(range(n), desc='working hard'):\n"
+        "    time.sleep(0.2)\ntime.sleep(2.5)\nprint('done', n)",
+    )})
+    lines: list[str] = []
+    result = build_book("tiny", book_dir=book_dir, notebook_dir=nb_dir, html=False, log=lines.append)
+    assert result.ran == ["01_slow"]
+    assert any(line.startswith("  01_slow: working hard") and "3/3" in line for line in lines), lines
+    assert any(line.startswith("chapter times:") and "01_slow" in line and "total" in line for line in lines), lines
+    page = outputs_text(book_dir / "chapters" / "01_slow.ipynb")
+    assert "done 3" in page and "working hard" not in page
+
+
+def test_heartbeat_says_a_silent_chapter_is_alive(tmp_path):
+    lines: list[str] = []
+    with book.follow_progress("07_quiet", lines.append, heartbeat=0.6):
+        import time
+
+        time.sleep(1.6)
+    assert any(line.startswith("  07_quiet: running, ") for line in lines), lines
