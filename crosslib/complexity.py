@@ -1,4 +1,5 @@
-"""How complex is a feature, and do complex features form later in training? (DESIGN §4.2 item 5)
+"""How complex is a feature, and do complex features form later in training? (the book's Methods page,
+section Complexity scorers)
 
 The paper gives every crosscoder feature a complexity score from 1 to 5 and finds that the
 score correlates positively with the step at which the feature emerges. This module has
@@ -50,8 +51,8 @@ SCALE: dict[int, str] = {
     5: "a rich theme across diverse contexts",
 }
 
-# Reported by the paper (from a secondary summary, DESIGN §4.2 item 5 "2°"): Pearson r between
-# LLM complexity and emergence step, and its p-value. Quoted beside our numbers, not used.
+# Reported by the paper as quoted by a secondary summary (not yet checked against the paper): Pearson r
+# between LLM complexity and emergence step, and its p-value. Quoted beside our numbers, not used.
 PAPER_PEARSON_R = 0.31
 PAPER_PEARSON_P = 0.002
 

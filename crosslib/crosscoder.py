@@ -1,4 +1,5 @@
-"""The crosscoder: one sparse dictionary shared by S pre-training snapshots (DESIGN §4.1).
+"""The crosscoder: one sparse dictionary shared by S pre-training snapshots
+(see the book's Methods page, section Crosscoder).
 
 For snapshots θ = 1..S with normalised activations x̃^θ ∈ R^d at the same token:
 

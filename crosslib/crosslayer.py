@@ -1,4 +1,5 @@
-"""How SAE features of adjacent layers relate (Lerner et al., arXiv 2410.08869; DESIGN §4.4).
+"""How SAE features of adjacent layers relate (Lerner et al., arXiv 2410.08869; the book's
+Methods page, section Features across layers).
 
 Each layer of the residual stream gets its own SAE. Encoding the *same* token positions with the
 SAE of layer L and the SAE of layer L+1 gives two aligned activation tables,

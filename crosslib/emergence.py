@@ -1,4 +1,5 @@
-"""How crosscoder features emerge over pre-training (paper Fig. 4–5, DESIGN §4.2 items 2–3).
+"""How crosscoder features emerge over pre-training (paper Fig. 4–5; the book's Methods page,
+sections The firing rule and Emergence).
 
 A crosscoder has one decoder vector per feature *per snapshot*, W_D[θ, i, :]. Its length
 ‖W_D,i^θ‖ says how strongly feature i is written into the residual stream at snapshot θ, so
@@ -345,7 +346,7 @@ def emergence_table(
 
     Why not simply "the first snapshot where ρ ≥ 0.5"? At initialisation the residual stream
     is the random token embedding, and many later features stay linearly aligned with it: the
-    naive rule put ~75% of features at step 0 in our prototype (DESIGN §7). So a feature
+    naive rule put ~75% of features at step 0 in our feasibility prototype. So a feature
     *forms* (emerges) at the first snapshot where it becomes strong
 
     - after not being strong at initialisation (absent at step 0), or

@@ -1,4 +1,5 @@
-"""SAE-Track: a chain of warm-started SAEs along pre-training (Wang, Xu, Wang; arXiv 2412.17626; DESIGN §4.3).
+"""SAE-Track: a chain of warm-started SAEs along pre-training (Wang, Xu, Wang; arXiv 2412.17626;
+the book's Methods page, section SAE-Track).
 
 Instead of one dictionary shared by all snapshots (the crosscoder), SAE-Track trains one SAE per
 snapshot, in step order, and starts each from the previous one:

@@ -10,8 +10,9 @@ same token position in every snapshot.
         ...
     source.batches(2048, seed=0, start_batch=k)     # its first batch is the k-th of the stream above
 
-Normalisation (DESIGN §4.1): snapshot θ is scaled by `norm_factors[θ] = sqrt(d_model) / E‖x^θ‖`,
-so every snapshot's rows have mean norm sqrt(d_model).
+Normalisation (the book's Methods page, section Activations and normalisation): snapshot θ is
+scaled by `norm_factors[θ] = sqrt(d_model) / E‖x^θ‖`, so every snapshot's rows have mean norm
+sqrt(d_model).
 """
 
 from __future__ import annotations

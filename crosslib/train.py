@@ -5,12 +5,13 @@
     result = train_crosscoder_cached(source, model_config, train_config)           # keyed by content
     result.model, result.history, result.eval, result.path
 
-Recipe (DESIGN §4.1): Adam (0.9, 0.999), no weight decay; lr warms up linearly over the first
-`lr_warmup_fraction` of the steps, stays constant, then decays linearly over the last
-`lr_decay_fraction` (20%) to lr/32; the log-thresholds learn at `threshold_lr_factor` (0.1) × lr;
-λ warms up linearly over the first 10% of the steps. Initialisation: one random decoder direction
-per feature shared by all snapshots, W_E = W_Dᵀ, biases zero, and the decoder norm picked from
-`init_norm_grid` by the smallest reconstruction MSE on `init_search_rows` rows.
+Recipe (the book's Methods page, section Initialisation and optimiser): Adam (0.9, 0.999), no weight
+decay; lr warms up linearly over the first `lr_warmup_fraction` of the steps, stays constant, then
+decays linearly over the last `lr_decay_fraction` (20%) to lr/32; the log-thresholds learn at
+`threshold_lr_factor` (0.1) × lr; λ warms up linearly over the first 10% of the steps.
+Initialisation: one random decoder direction per feature shared by all snapshots, W_E = W_Dᵀ,
+biases zero, and the decoder norm picked from `init_norm_grid` by the smallest reconstruction MSE
+on `init_search_rows` rows.
 
 Scale: the authors used lr 5e-5, λ 0.3 and batch 2048 for 800M tokens per snapshot (~400k steps).
 Our tiny runs take a few thousand steps, so the default lr is higher (1e-3, as is usual for SAEs
