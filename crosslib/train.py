@@ -570,7 +570,7 @@ def train_crosscoder(
                          **window.summary(parallel)}
                 history.append(entry)
                 window.reset()
-                bar.set_postfix(loss=f"{entry['loss']:.4g}", ev=f"{sum(entry['explained_variance']) / len(entry['explained_variance']):.3f}",
+                bar.set_postfix(refresh=False, loss=f"{entry['loss']:.4g}", ev=f"{sum(entry['explained_variance']) / len(entry['explained_variance']):.3f}",
                                 l0=f"{sum(entry['l0']) / len(entry['l0']):.1f}")
             bar.update(1)
             if out is not None and (done % train_config.checkpoint_every == 0 or

@@ -178,6 +178,17 @@ def test_every_page_loads_its_images_links_and_math_offline(smoke_html, base_url
             elif parsed.fragment and target.suffix == ".html":
                 if urllib.parse.unquote(parsed.fragment) not in anchors(target):
                     problems.append(f"{rel}: link to a missing anchor {href}")
+        # no code block scrolls sideways at the browser's 1280 px, and no glued number reads "nan"
+        wide = browser.execute_script(
+            "return Array.from(document.querySelectorAll('main pre'), (p) => p.scrollWidth - p.clientWidth)"
+            ".filter((extra) => extra > 1).length")
+        if wide:
+            problems.append(f"{rel}: {wide} code block(s) overflow horizontally")
+        prose = browser.execute_script(
+            "const main = document.querySelector('main') || document.body; const copy = main.cloneNode(true);"
+            "copy.querySelectorAll('pre, code, script, style').forEach((e) => e.remove()); return copy.innerText")
+        problems += [f"{rel}: a value renders as nan: ...{prose[max(0, m.start() - 60):m.end() + 20]!r}..."
+                     for m in re.finditer(r"(?<![\w.])[+-]?nan(?![\w])", prose)]
         remote = browser.execute_script(
             "return performance.getEntriesByType('resource').map((e) => e.name)"
             ".filter((n) => !n.startsWith(location.origin) && !n.startsWith('data:') && !n.startsWith('blob:'))"
