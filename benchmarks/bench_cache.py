@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-TINY_SHAPE = dict(  # the tiny preset's shape (DESIGN §7)
+TINY_SHAPE = dict(  # the tiny preset's shape (crosslib.suite.SUITE_PRESETS["tiny"])
     vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
     max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True,
 )
