@@ -53,6 +53,11 @@ def table(results: Sequence[ClaimResult], claim_header: str = "claim (paper)") -
     )
 
 
+def tier(value: float, *, yes_from: float, partly_from: float) -> Verdict:
+    """"yes" from `yes_from` up, "partly" from `partly_from`, "no" below (and for NaN)."""
+    return "yes" if value >= yes_from else "partly" if value >= partly_from else "no"
+
+
 def _finite(*values: float | None) -> bool:
     return all(v is not None and math.isfinite(float(v)) for v in values)
 
@@ -293,7 +298,7 @@ RECOVERY_MIN = 0.1
 def initialisation_features(initialisation_fraction: float, n_live: int) -> ClaimResult:
     """Some features are strong at initialisation and then fade (share of the live features)."""
     f = initialisation_fraction
-    verdict: Verdict = "yes" if f >= INIT_FEATURES_YES else ("partly" if f >= INIT_FEATURES_PARTLY else "no")
+    verdict = tier(f, yes_from=INIT_FEATURES_YES, partly_from=INIT_FEATURES_PARTLY)
     return ClaimResult(
         "Some features are strong at initialisation and then fade",
         "a band of initialisation features that fade early (Fig. 4)",
@@ -647,7 +652,7 @@ MIN_SPANNING_COMMUNITIES = 2
 def features_pass_through(mean_pass_through_fraction: float, pass_through: float) -> ClaimResult:
     """Many features pass through to the next layer (best next-layer correlation ≥ pass_through)."""
     f = mean_pass_through_fraction
-    verdict: Verdict = "yes" if f >= PASS_THROUGH_MANY else ("partly" if f >= PASS_THROUGH_SOME else "no")
+    verdict = tier(f, yes_from=PASS_THROUGH_MANY, partly_from=PASS_THROUGH_SOME)
     return ClaimResult(
         f"Many features pass through to the next layer (best correlation ≥ {pass_through:g})",
         "many residual-stream features pass through unchanged",
@@ -682,7 +687,7 @@ def communities_span_layers(communities_spanning_3_layers: int, widest_community
                             n_communities: int) -> ClaimResult:
     """Features form communities spanning layers: communities that reach over ≥ COMMUNITY_MIN_LAYERS layers."""
     n = int(communities_spanning_3_layers)
-    verdict: Verdict = "yes" if n >= MIN_SPANNING_COMMUNITIES else ("partly" if n >= 1 else "no")
+    verdict = tier(n, yes_from=MIN_SPANNING_COMMUNITIES, partly_from=1)
     return ClaimResult(
         "Features form communities spanning layers",
         "communities of features spanning several layers",
