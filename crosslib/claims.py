@@ -182,6 +182,16 @@ class FrontierGap:
     n_points: int
     overlap_factor: float
 
+    def sentence(self) -> str:
+        """Chapter 2's sentence on the final snapshot's frontiers, or why they cannot be compared."""
+        if self.n_points == 0 or not math.isfinite(self.mean_gap):
+            return ("The two frontiers cover no common range of L0 on the final snapshot, so they cannot be "
+                    "compared at equal L0 (a wider λ sweep would make them overlap).")
+        return (f"Where both frontiers cover the same L0 range ({self.n_points} crosscoder points), the crosscoder's "
+                f"explained variance on the final snapshot is {self.mean_gap:+.3f} above the per-snapshot SAE frontier "
+                f"at the same L0 (interpolated on a log-L0 axis); those points span a factor "
+                f"{self.overlap_factor:.1f} in L0.")
+
 
 def equal_l0_gap(l0_a: Sequence[float], ev_a: Sequence[float], l0_b: Sequence[float], ev_b: Sequence[float]) -> FrontierGap:
     """`FrontierGap` of A (e.g. the crosscoder) over B (the SAEs), each given as its λ sweep's points."""

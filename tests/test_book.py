@@ -42,6 +42,7 @@ def make_project(root: Path, chapters: dict[str, tuple[str, ...]], presets: dict
     book_dir, nb_dir = root / "book", root / "notebooks"
     book_dir.mkdir(parents=True)
     shutil.copy(book.BOOK_DIR / "_config.yml", book_dir / "_config.yml")
+    shutil.copytree(book.BOOK_DIR / "_static", book_dir / "_static")  # the style sheet _config.yml names
     (book_dir / "intro.md").write_text("# A test book\n\nSome math: $a^2 + b^2 = c^2$.\n")
     toc = {"format": "jb-book", "root": "intro"}
     if chapters:

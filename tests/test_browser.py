@@ -111,7 +111,7 @@ def browser(tmp_path_factory):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
-    driver.set_script_timeout(30)
+    driver.set_script_timeout(120)  # MathJax typesets a long page (Methods) in tens of seconds on a busy CPU
     yield driver
     driver.quit()
 
@@ -137,8 +137,13 @@ const start = Date.now();
 
 
 def load(driver, url: str):
+    from selenium.common.exceptions import TimeoutException
+
     driver.get(url)
-    math = driver.execute_async_script(WAIT_FOR_MATH)
+    try:
+        math = driver.execute_async_script(WAIT_FOR_MATH)
+    except TimeoutException:
+        pytest.fail(f"{url}: MathJax did not finish typesetting within the script timeout")
     assert math is True or math is False, f"{url}: {math}"
     return math
 

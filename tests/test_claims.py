@@ -269,3 +269,10 @@ def test_row_spearman_and_monotone_trend():
     assert row_spearman(x, y) == pytest.approx([1.0, -1.0])
     assert monotone_trend([0.1, 0.2, 0.5, 0.9]) == pytest.approx(1.0)
     assert monotone_trend([0.9, 0.5, 0.2, 0.1]) == pytest.approx(-1.0)
+
+
+def test_frontier_sentence_says_why_when_the_frontiers_do_not_overlap():
+    none = claims.equal_l0_gap([1.0, 2.0], [0.5, 0.6], [10.0, 20.0], [0.7, 0.8])
+    assert none.n_points == 0 and "cover no common range" in none.sentence() and "nan" not in none.sentence()
+    some = claims.equal_l0_gap([2.0, 8.0], [0.6, 0.8], [1.0, 10.0], [0.5, 0.8])
+    assert some.n_points == 2 and "span a factor 4.0" in some.sentence()
