@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -113,7 +112,6 @@ def main() -> None:
         cache_rss_child(str(suite), args.rss_child)
         return
 
-    import numpy as np
     import torch
 
     from crosslib.crosscoder import CrosscoderConfig

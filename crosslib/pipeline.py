@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from crosslib.cache import ActivationStore, CacheConfig, build_store
-from crosslib.config import ParameterError, require, require_choice
+from crosslib.config import require, require_choice
 from crosslib.corpus import CorpusConfig
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
 from crosslib.parameters import check_dictionary_memory, check_parameters

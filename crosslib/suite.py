@@ -307,14 +307,18 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
     })
 
 
-def machine_description() -> dict[str, Any]:
-    """The CPU features that change a bf16 training run's numbers: ATen's kernel ISA, oneDNN's cap, AMX."""
-    flags: set[str] = set()
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (`/proc/cpuinfo`; empty where there is none)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def machine_description() -> dict[str, Any]:
+    """The CPU features that change a bf16 training run's numbers: ATen's kernel ISA, oneDNN's cap, AMX."""
+    flags = cpu_flags()
     return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,

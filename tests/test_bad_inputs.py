@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 
 from crosslib import cache, pipeline, suite, train
-from crosslib.book import execute_chapter
 from crosslib.cli import main
 from crosslib.config import ParameterError
 from crosslib.parameters import CHECKS, check_dictionary_memory

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from crosslib.suite import cpu_flags
+
 HERE = Path(__file__).parent
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-ISAS = ["default", "avx2"] + (["avx512"] if "avx512f" in _cpu_flags() else [])
+ISAS = ["default", "avx2"] + (["avx512"] if "avx512f" in cpu_flags() else [])
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="no C++ compiler for torch.compile")
