@@ -68,7 +68,7 @@ class SuiteConfig(Config):
     # induction head within a laptop budget (see chapter 1).
     repeat_fraction: float = 0.5
     # "random-tokens" (default): from a random place to the end of the window, a random sequence of
-    #     frequent tokens (period ctx/32 to ctx/8 tokens) repeats again and again;
+    #     frequent tokens (period ctx/32 to ctx/2 tokens, see `repeat_periods`) repeats at least twice;
     # "random-span": a span of the text (1/8 to 1/2 of the window) copied to a random later place;
     # "second-half": the second half repeats the first (a fixed distance: teaches positional copying).
     repeat_mode: str = "random-tokens"
@@ -142,6 +142,18 @@ def frequent_tokens(tokens: np.ndarray, n: int) -> np.ndarray:
     return np.argsort(-counts, kind="stable")[:n]
 
 
+def repeat_periods(config: SuiteConfig) -> tuple[int, int]:
+    """The shortest and longest period of a "random-tokens" repeat: ctx/32 to ctx/2 tokens.
+
+    Long periods matter: with periods only up to ctx/8, a model can learn to copy from a few short
+    distances instead of looking up the previous occurrence of the current token, and that shortcut
+    fails on longer repeats (chapter 1's induction test repeats ctx/4 tokens). Which of the two a run
+    learnt depended on the seed and on the CPU's bf16 rounding.
+    """
+    ctx = config.context_length
+    return max(2, ctx // 32), max(2, ctx // 2)
+
+
 def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig, pool: np.ndarray | None = None) -> torch.Tensor:
     """The batch of training step `step`: a pure function of (seed, step), so resuming is exact.
 
@@ -166,8 +178,9 @@ def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig, pool: np.
     target = source + lengths + (rng.random(n) * (ctx - source - 2 * lengths + 1)).astype(np.int64)
     if config.repeat_mode == "random-tokens":
         pool = frequent_tokens(tokens, config.repeat_vocab) if pool is None else pool
-        periods = rng.integers(max(2, ctx // 32), max(2, ctx // 8) + 1, size=n)
-        begin = (rng.random(n) * (ctx - 4 * periods + 1)).clip(0).astype(np.int64)  # at least 4 periods fit
+        shortest, longest = repeat_periods(config)
+        periods = rng.integers(shortest, longest + 1, size=n)
+        begin = (rng.random(n) * (ctx - 2 * periods + 1)).clip(0).astype(np.int64)  # at least 2 periods fit
         motifs = pool[rng.integers(0, len(pool), size=(n, ctx))]
         for row in np.flatnonzero(repeated):
             batch[row, begin[row]:] = np.resize(motifs[row, : periods[row]], ctx - begin[row])

@@ -18,7 +18,7 @@ from conftest import micro_suite_config
 from crosslib.config import ParameterError
 from crosslib.constants import PYTHIA_STEPS, pythia_schedule
 from crosslib.snapshots import SnapshotError, list_steps, load_snapshot, step_dir
-from crosslib.suite import (SuiteConfig, frequent_tokens, lr_at, resolve_suite, train_suite, training_batch,
+from crosslib.suite import (SuiteConfig, frequent_tokens, lr_at, repeat_periods, resolve_suite, train_suite, training_batch,
                             training_log)
 
 
@@ -143,10 +143,13 @@ def test_random_token_repeats_vary_their_period_and_use_frequent_tokens(text_cor
             assert pooled[begin:].all() and (np.diff(row[:begin]) == 1).all()
             tail = row[begin:]
             period = next(p for p in range(1, len(tail)) if np.array_equal(tail[p:], tail[:-p]))
-            assert len(tail) >= 4 * period  # at least four copies of the motif
+            assert len(tail) >= 2 * period  # the motif appears at least twice
             periods.add(period)
     assert 0.3 < n_repeated / n_rows < 0.7  # about repeat_fraction of the rows
-    assert len(periods) >= 4  # 64 // 32 = 2 to 64 // 8 = 8 tokens
+    shortest, longest = repeat_periods(config)
+    assert (shortest, longest) == (2, 32)  # 64 // 32 to 64 // 2 tokens
+    assert min(periods) >= 1 and max(periods) <= longest
+    assert max(periods) > 64 // 4  # long repeats too, as long as chapter 1's induction test (ctx/4)
     # without a precomputed pool, the repeat_vocab most frequent tokens of the stream are used
     skewed = np.concatenate([tokens, np.repeat(np.arange(990, 998), 3)]).astype(np.uint16)
     assert sorted(frequent_tokens(skewed, 8)) == list(range(990, 998))
