@@ -68,12 +68,14 @@ class SuiteConfig(Config):
     # induction head within a laptop budget (see chapter 1).
     repeat_fraction: float = 0.5
     # "random-tokens" (default): from a random place to the end of the window, a random sequence of
-    #     frequent tokens (period ctx/32 to ctx/2 tokens, see `repeat_periods`) repeats at least twice;
+    #     frequent tokens (a period of ctx/32 to `repeat_period_max` × ctx tokens) repeats at least twice;
     # "random-span": a span of the text (1/8 to 1/2 of the window) copied to a random later place;
     # "second-half": the second half repeats the first (a fixed distance: teaches positional copying).
     repeat_mode: str = "random-tokens"
     # "random-tokens" draws from this many most frequent tokens of the training split.
     repeat_vocab: int = 256
+    # The longest "random-tokens" period as a share of the context (see `repeat_periods`).
+    repeat_period_max: float = 0.5
     # Checkpoints: 0, 1, 2, 4, ..., 512, then every `linear_every` steps (Pythia's schedule).
     linear_every: int = 250
     checkpoint_every: int = 100  # resumable training state, independent of the snapshots
@@ -91,6 +93,8 @@ class SuiteConfig(Config):
         require(isinstance(self.repeat_vocab, int) and 2 <= self.repeat_vocab <= self.vocab_size, "repeat_vocab",
                 self.repeat_vocab, f"an integer in 2..vocab_size={self.vocab_size}")
         require_fraction("rotary_pct", self.rotary_pct, open_interval=False)
+        require(0 < self.repeat_period_max <= 0.5, "repeat_period_max", self.repeat_period_max,
+                "a share of the context in (0, 0.5] (a repeat needs two copies)")
         require(0 <= self.warmup_steps < self.total_steps, "warmup_steps", self.warmup_steps,
                 f"0 <= warmup_steps < total_steps={self.total_steps}")
         require(self.vocab_size >= 300, "vocab_size", self.vocab_size, "at least 300 (256 bytes + merges)")
@@ -143,15 +147,16 @@ def frequent_tokens(tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 def repeat_periods(config: SuiteConfig) -> tuple[int, int]:
-    """The shortest and longest period of a "random-tokens" repeat: ctx/32 to ctx/2 tokens.
+    """The shortest and longest period of a "random-tokens" repeat: ctx/32 to `repeat_period_max` × ctx tokens.
 
-    Long periods matter: with periods only up to ctx/8, a model can learn to copy from a few short
+    Long periods matter: with periods only up to ctx/8 (our first default), a model can learn to copy from a few short
     distances instead of looking up the previous occurrence of the current token, and that shortcut
     fails on longer repeats (chapter 1's induction test repeats ctx/4 tokens). Which of the two a run
     learnt depended on the seed and on the CPU's bf16 rounding.
     """
     ctx = config.context_length
-    return max(2, ctx // 32), max(2, ctx // 2)
+    shortest = max(2, ctx // 32)
+    return shortest, max(shortest, int(ctx * config.repeat_period_max))
 
 
 def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig, pool: np.ndarray | None = None) -> torch.Tensor:
