@@ -33,7 +33,7 @@ from crosslib.crosslayer import (
     top_partners,
     write_graph_page,
 )
-from crosslib.crosslayer import _to_table
+from crosslib.crosslayer_statistics import _to_table
 
 
 def sparse_features(rng: np.random.Generator, rows: int, features: int, p_active: float = 0.3) -> np.ndarray:
@@ -274,6 +274,37 @@ def test_graph_page_is_offline_and_embeds_nodes_and_details(tmp_path):
     assert list(both["details"]) == [node_name(1, 3)]
     with pytest.raises(ParameterError, match="details"):
         graph_page_html(graph, {"L9:9": ["nowhere"]})
+
+
+def test_graph_page_template_ships_in_the_package_and_is_filled_with_the_data():
+    """The page is package data (found through importlib.resources, as an installed wheel finds it);
+    graph_page_html changes nothing in it but the title and the data."""
+    import fnmatch
+    import html
+    import tomllib
+    from importlib import resources
+
+    from crosslib.crosslayer_page import GRAPH_PAGE_TEMPLATE
+
+    template = resources.files("crosslib").joinpath("templates", GRAPH_PAGE_TEMPLATE)
+    assert template.is_file()
+    text = template.read_text(encoding="utf-8")
+    assert text.count("__TITLE__") == 2 and text.count("__DATA__") == 1
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    shipped = pyproject["tool"]["setuptools"]["package-data"]["crosslib"]
+    assert any(fnmatch.fnmatch(f"templates/{GRAPH_PAGE_TEMPLATE}", pattern) for pattern in shipped)
+
+    chain = layer_chain_statistics(batched(two_cluster_layers(), [2000]), progress=False)
+    graph = layer_graph(chain)
+    assign_communities(graph)
+    title = "Planted <clusters> & more"
+    page = graph_page_html(graph, {node_name(1, 4): ["planted context", "__TITLE__ stays text"]}, title=title)
+    payload = embedded_data(page)
+    assert sorted(n["id"] for n in payload["nodes"]) == sorted(graph.nodes)
+    assert len(payload["edges"]) == graph.number_of_edges()
+    assert payload["details"] == {node_name(1, 4): {"items": ["planted context", "__TITLE__ stays text"]}}
+    data = re.search(r'id="graph-data">(.*?)</script>', page, re.S).group(1)
+    assert page == text.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
 
 
 def test_pass_through_over_time_is_a_tidy_table():
