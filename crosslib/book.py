@@ -141,9 +141,13 @@ def toc_chapters(book_dir: str | os.PathLike) -> list[str]:
 
 
 def declared_parameters(notebook: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """Parameters declared in the notebook's `parameters` cell (papermill's inspection).
+    """Parameters declared in the notebook's `parameters` cell (papermill's inspection), each
+    default a Python literal: a default the cell reads from a module (`dict_size = shared.dict_size`,
+    the defaults chapters share in `crosslib.book_defaults`) is replaced by its value, which
+    running the cell gives.
 
-    Raises `BookError` unless exactly one cell is tagged `parameters`.
+    Raises `BookError` unless exactly one cell is tagged `parameters` and, if it reads defaults
+    from a module, it runs.
     """
     import nbformat
     import papermill
@@ -152,7 +156,32 @@ def declared_parameters(notebook: str | os.PathLike) -> dict[str, dict[str, Any]
     tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(tagged) != 1:
         raise BookError(f"{notebook}: expected exactly one cell tagged 'parameters', found {len(tagged)}")
-    return papermill.inspect_notebook(str(notebook))
+    declared = papermill.inspect_notebook(str(notebook))
+    read_elsewhere = [name for name, info in declared.items() if not _is_literal(str(info.get("default")))]
+    if read_elsewhere:
+        values = _run_parameters_cell(notebook, tagged[0].source)
+        for name in read_elsewhere:
+            if name in values:
+                declared[name]["default"] = repr(values[name])
+    return declared
+
+
+def _is_literal(text: str) -> bool:
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError):
+        return False
+    return True
+
+
+def _run_parameters_cell(notebook: str | os.PathLike, source: str) -> dict[str, Any]:
+    """The names a `parameters` cell defines, as Jupyter would run it (the cell only assigns values)."""
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(source, f"{notebook} (parameters cell)", "exec"), namespace)
+    except Exception as e:
+        raise BookError(f"{notebook}: its parameters cell fails: {type(e).__name__}: {e}") from None
+    return namespace
 
 
 def notebook_hash(notebook: str | os.PathLike) -> str:
@@ -249,7 +278,7 @@ def resolve_parameters(
 
 
 def notebook_defaults(declared: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The default values of a `parameters` cell (as papermill reports them: Python literals)."""
+    """The default values of a `parameters` cell (as `declared_parameters` reports them: Python literals)."""
     defaults = {}
     for name, info in declared.items():
         with contextlib.suppress(ValueError, SyntaxError, TypeError):

@@ -170,6 +170,21 @@ def test_declared_parameters_requires_one_parameters_cell(tmp_path):
         book.declared_parameters(path)
 
 
+def test_defaults_read_from_a_module_are_reported_as_their_values_and_type_checked(tmp_path):
+    cell = ("from crosslib import book_defaults as shared  # the shared defaults\n"
+            "dict_size = shared.dict_size  # features\nlabel = 'x'")
+    path = write_notebook(tmp_path / "02_a.ipynb", cell)
+    declared = book.declared_parameters(path)
+    assert set(declared) == {"dict_size", "label"}
+    assert declared["dict_size"]["default"] == "512" and declared["dict_size"]["help"] == "features"
+    assert book.notebook_defaults(declared) == {"dict_size": 512, "label": "x"}
+    with pytest.raises(ParameterError, match="dict_size='abc' is not allowed: an integer"):
+        book.check_chapter_parameters("02_a", declared, {"dict_size": "abc"})
+    write_notebook(path, "from crosslib import book_defaults as shared\ndict_size = shared.no_such_name")
+    with pytest.raises(BookError, match="parameters cell fails: AttributeError"):
+        book.declared_parameters(path)
+
+
 # --------------------------------------------------------------------------- command line
 
 
