@@ -9,7 +9,7 @@ Data: synthetic activations made of planted sparse features (each row is 32 of 1
 with exponential magnitudes, plus noise; per-snapshot directions are perturbed copies of shared ones),
 normalised like real activations. Our speed depends on how sparse the SAE is: once few features fire,
 training runs the decoder and the W_E/W_D gradients over the active positions only (see
-crosslib.crosscoder, "sparse products"). So our SAE is timed where a real run spends its steps,
+crosslib.kernels, "sparse products"). So our SAE is timed where a real run spends its steps,
 after it has settled: each run trains `warm` steps and the last `timed` steps are clocked, and the L0
 and explained variance printed are those of the timed steps (low: 200 steps is far from converged,
 which does not matter for speed). The sparsity coefficient λ sets the L0; the headline uses λ = 1,
@@ -63,8 +63,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crosslib import crosscoder  # noqa: E402
 from crosslib.crosscoder import CrosscoderConfig  # noqa: E402
+from crosslib.kernels import KernelOptions  # noqa: E402
 from crosslib.sources import TensorSource  # noqa: E402
 from crosslib.train import TrainConfig, train_crosscoder, tune_allocator  # noqa: E402
 
@@ -163,11 +163,8 @@ def ours(S: int, *, warm: int, timed: int, bf16: bool, sparse: bool = True, spar
     model = CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=dict_size)
     config = TrainConfig(n_steps=warm + timed, batch_size=B, lr=lr, sparsity_coefficient=sparsity_coefficient,
                          log_every=timed, eval_rows=0, bf16=bf16, compile=True)
-    saved, crosscoder.SPARSE_MAX_DENSITY = crosscoder.SPARSE_MAX_DENSITY, (crosscoder.SPARSE_MAX_DENSITY if sparse else 0.0)
-    try:
-        result = train_crosscoder(source, model, config, progress=False)
-    finally:
-        crosscoder.SPARSE_MAX_DENSITY = saved
+    kernels = KernelOptions(sparse=None if sparse else False)  # sparse: once f is sparse enough, as in training
+    result = train_crosscoder(source, model, config, progress=False, kernels=kernels)
     last = result.history[-1]  # exactly the timed steps (warm is a multiple of timed)
     times = source.clock.step_times()[-timed:]
     return Run(*rates(times), sum(last["l0"]) / S, sum(last["explained_variance"]) / S)

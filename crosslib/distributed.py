@@ -304,8 +304,7 @@ class ShardContext:
 
     def gather_model(self, model: Crosscoder, config: CrosscoderConfig | None = None) -> Crosscoder:
         state = self.gather_state({f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()})
-        full = Crosscoder.from_state(self.config, {k[6:]: v for k, v in state.items()},
-                                     fused=model.fused, compiled=model.compiled)
+        full = Crosscoder.from_state(self.config, {k[6:]: v for k, v in state.items()}, kernels=model.kernels)
         return full
 
 

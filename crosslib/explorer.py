@@ -277,7 +277,7 @@ def feature_subset(model: Any, features: Sequence[int]) -> Any:
     require(model.config.activation != "topk", "model", "a TopK crosscoder",
             "a JumpReLU or ReLU crosscoder (a TopK feature's activation depends on the other features)")
     index = torch.as_tensor(np.asarray(features, dtype=np.int64))
-    part = Crosscoder(model.config.replace(dict_size=len(index)), initialise=False, fused=model.fused, sparse=model.sparse)
+    part = Crosscoder(model.config.replace(dict_size=len(index)), initialise=False, kernels=model.kernels.eager())
     with torch.no_grad():
         part.W_E.copy_(model.W_E[:, :, index])
         part.b_E.copy_(model.b_E[..., index])

@@ -23,15 +23,16 @@ error), h and f are held in bf16; the gate, the penalty and the reconstruction e
 in fp32 from those values, and the weights, gradients and Adam state stay fp32. On CPUs with
 AVX512-BF16/AMX the matmuls run ~2x faster. Measured on the same data (S=4, d=128, F=1024, 400
 steps): loss within 0.02%, explained variance within 0.002 and L0 within 0.4 of the fp32 run.
-`compile` (automatic for big runs) fuses the elementwise gate/penalty/error passes with torch.compile.
+`compile` (automatic for big runs) fuses the elementwise gate/penalty/error passes with torch.compile;
+it sets `compiled` in the run's `crosslib.kernels.KernelOptions`, the model's one kernel switch.
 
-Sparse products (CPU, automatic): once at most `crosslib.crosscoder.sparse_density_limit()` of f's
+Sparse products (CPU, automatic): once at most `crosslib.kernels.sparse_density_limit()` of f's
 entries are non-zero (3.5% with one thread, 1.75% with two), a step computes the decoder, the W_D
 gradient (and, for SAEs, the W_E gradient), the penalty and most of the gate's gradients over the
 active positions only, in fp32 accumulators; the encoder and ∂f stay dense. Same values as the dense
 products to rounding (tests/test_crosscoder.py); at d=128, F=2048 and L0 ≈ 25 an SAE step takes
-about half the time (benchmarks/bench_train.py). `crosslib.crosscoder.SPARSE_MAX_DENSITY = 0` turns
-them off.
+about half the time (benchmarks/bench_train.py). `train_crosscoder(..., kernels=KernelOptions(sparse=False))`
+turns them off.
 
 Exact resume: batch k of the source is a pure function of (seed, k), the schedule is a function of
 the step, and a checkpoint holds the weights, Adam's state, the step, the metric history and the
@@ -61,6 +62,7 @@ from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_
                                 sha256_bytes)
 from crosslib.config import Config, ParameterError, require, require_fraction, require_positive
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig, model_fingerprint
+from crosslib.kernels import KernelOptions
 from crosslib.sources import source_fingerprint
 
 CHECKPOINT_JSON = "checkpoint.json"
@@ -149,6 +151,10 @@ class TrainConfig(Config):
         elements = self.total_steps * self.batch_size * model_config.n_snapshots * model_config.dict_size
         return elements >= COMPILE_AUTO_ELEMENTS and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
+    def kernel_options(self, model_config: CrosscoderConfig, kernels: KernelOptions = KernelOptions()) -> KernelOptions:
+        """The kernels this run trains with: `kernels` (fused, sparse) with `compiled` per `compile`."""
+        return kernels.replace(compiled=self.use_compile(model_config))
+
     @property
     def total_steps(self) -> int:
         return self.n_steps if self.n_tokens is None else math.ceil(self.n_tokens / self.batch_size)
@@ -210,11 +216,11 @@ def check_finite(batch: Tensor, what: str, steps: list[int] | None = None) -> No
 @contextlib.contextmanager
 def _eager(model: Crosscoder):
     """Run the kernels eagerly (one-off shapes such as the init search and the evaluation would recompile)."""
-    compiled, model.compiled = model.compiled, False
+    kernels, model.kernels = model.kernels, model.kernels.eager()
     try:
         yield model
     finally:
-        model.compiled = compiled
+        model.kernels = kernels
 
 
 @torch.no_grad()
@@ -437,19 +443,23 @@ def train_crosscoder(
     progress: bool = True,
     stop_after: int | None = None,
     parallel: Any = None,
+    kernels: KernelOptions = KernelOptions(),
 ) -> TrainResult:
     """Train a crosscoder (an SAE when n_snapshots = 1) on `source`; resume from `out_dir` if it holds a checkpoint.
 
     `init`: start from these weights (e.g. SAE-Track's previous SAE) instead of the paper's
     initialisation. `stop_after`: stop (with a checkpoint) after that many steps in total, as if
     killed; calling again resumes. `parallel`: a `crosslib.distributed.ShardContext` when this is
-    one process of a sharded run (the source then yields this process's snapshots).
+    one process of a sharded run (the source then yields this process's snapshots). `kernels`: the
+    fused and sparse kernel choices (every choice trains the same model, to rounding); whether they
+    compile is `train_config.compile`'s to decide.
     """
     train_config = train_config or TrainConfig()
     if not isinstance(model_config, CrosscoderConfig):
         raise ParameterError(f"model_config={type(model_config).__name__} is not allowed: a CrosscoderConfig")
     if not isinstance(train_config, TrainConfig):
         raise ParameterError(f"train_config={type(train_config).__name__} is not allowed: a TrainConfig")
+    require(isinstance(kernels, KernelOptions), "kernels", kernels, "a crosslib.kernels.KernelOptions")
     _check_compatible(source, model_config, parallel)
     if torch.device(device).type == "cpu":
         tune_allocator()
@@ -470,14 +480,14 @@ def train_crosscoder(
 
     # ---- the model (this process's shard) and its optimizer
     local_config = model_config if parallel is None else parallel.local_config(model_config)
-    compiled = train_config.use_compile(model_config)
+    kernels = train_config.kernel_options(model_config, kernels)
     if init is not None:
         model = init if parallel is None else parallel.shard_model(init)
-        model = Crosscoder.from_state(local_config, model.state_dict(), compiled=compiled)
+        model = Crosscoder.from_state(local_config, model.state_dict(), kernels=kernels)
     elif parallel is None:
-        model = Crosscoder(model_config, seed=train_config.seed, compiled=compiled)
+        model = Crosscoder(model_config, seed=train_config.seed, kernels=kernels)
     else:
-        model = parallel.shard_model(Crosscoder(model_config, seed=train_config.seed, compiled=compiled))
+        model = parallel.shard_model(Crosscoder(model_config, seed=train_config.seed, kernels=kernels))
     model = model.to(device)
     optimizer = _make_optimizer(model, train_config)
     window = MetricWindow(local_config.n_snapshots, local_config.dict_size, device)
@@ -583,7 +593,8 @@ def train_crosscoder(
     speed = {"seconds": seconds, "steps_run": steps_run,
              "tokens_per_second": steps_run * train_config.batch_size / seconds if seconds > 0 else 0.0}
 
-    model.compiled = False  # compiled kernels are specialised to the training batch shape; analyses run eagerly
+    # compiled kernels are specialised to the training batch shape; analyses run eagerly
+    model.kernels = model.kernels.eager()
     finished = (stop_after is None or stop_after >= n_steps)
     if not finished:
         return TrainResult(model=model, history=history, eval={}, path=out, init=init_info, **speed)

@@ -1,5 +1,5 @@
-"""Run every compiled crosscoder kernel against its eager twin over many shapes (a script, run by
-tests/test_kernels.py in a fresh process per CPU instruction set, with glibc's heap checks on).
+"""Run every compiled crosscoder kernel (crosslib/kernels.py) against its eager twin over many shapes (a
+script, run by tests/test_kernels.py in a fresh process per CPU instruction set, with glibc's heap checks on).
 
 Exit status 0 and the line `kernels ok: N cases` when every output matches; a heap overflow in a
 compiled kernel aborts the process (exit 134), a mismatch exits 1 naming the case.
@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-import crosslib.crosscoder as cc
+from crosslib import kernels
 
 # (dictionaries G, snapshots per dictionary, features F, batch B): S = 1 SAEs and crosscoders, F and B not
 # multiples of any vector width, batch 1 and 4096; (1, 1, 512, 2048) in bf16 overflowed a buffer before
@@ -59,9 +59,9 @@ def main(quick: bool) -> int:
     n = 0
     for shape, dtype, density in cases(quick):
         for name, args in inputs(shape, dtype, density).items():
-            eager = cc._kernel(name, False)(*args)
-            compiled = cc._kernel(name, True)(*args)
-            assert not cc._COMPILE_FAILED, cc._COMPILE_FAILED
+            eager = kernels._kernel(name, False)(*args)
+            compiled = kernels._kernel(name, True)(*args)
+            assert not kernels._COMPILE_FAILED, kernels._COMPILE_FAILED
             eager = eager if isinstance(eager, tuple) else (eager,)
             compiled = compiled if isinstance(compiled, tuple) else (compiled,)
             for i, (e, c) in enumerate(zip(eager, compiled)):

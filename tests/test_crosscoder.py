@@ -11,13 +11,15 @@ import torch
 
 from crosslib.artifacts import ArtifactError
 from crosslib.config import ParameterError
-from crosslib.crosscoder import (Crosscoder, CrosscoderConfig, JumpReLU, JumpReLUTanh, WEIGHTS_FILE, CONFIG_FILE)
+from crosslib.crosscoder import Crosscoder, CrosscoderConfig, WEIGHTS_FILE, CONFIG_FILE
+from crosslib import kernels as kernel_module
+from crosslib.kernels import ActivePattern, JumpReLU, JumpReLUTanh, KernelOptions
 
 
-def _model(S=3, d=8, F=16, seed=1, **kw) -> Crosscoder:
+def _model(S=3, d=8, F=16, seed=1, kernels=KernelOptions(), **kw) -> Crosscoder:
     """A model with varied decoder norms, thresholds and biases, so gates open and close."""
     cfg = CrosscoderConfig(n_snapshots=S, d_model=d, dict_size=F, decoder_init_norm=0.5, **kw)
-    m = Crosscoder(cfg, seed=seed)
+    m = Crosscoder(cfg, seed=seed, kernels=kernels)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         m.W_D.mul_(torch.rand(S, F, 1, generator=g) * 2)
@@ -108,7 +110,7 @@ def test_fused_kernel_equals_the_written_out_math(independent):
     x = torch.randn(37, 3, 8, generator=torch.Generator().manual_seed(3))
     results = {}
     for fused in (True, False):
-        m.fused = fused
+        m.kernels = KernelOptions(fused=fused)
         m.zero_grad()
         out = m(x, sparsity_coefficient=0.7)
         out.loss.backward()
@@ -175,7 +177,7 @@ def test_crosscoder_over_copies_of_one_snapshot_is_that_snapshots_sae():
         cc.b_E.copy_(sae.b_E)
         cc.log_threshold.copy_(sae.log_threshold)
     for fused in (True, False):
-        sae.fused = cc.fused = fused
+        sae.kernels = cc.kernels = KernelOptions(fused=fused)
         sae.zero_grad(), cc.zero_grad()
         a = sae(x1, sparsity_coefficient=0.7)
         b = cc(x1.expand(-1, S, -1), sparsity_coefficient=0.7)
@@ -323,18 +325,16 @@ def test_log_threshold_init_and_bf16_autocast_forward():
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_kernels_equal_the_eager_ones():
     """The default fast path (torch.compile of the fused kernels) computes the same values and gradients."""
-    import crosslib.crosscoder as cc
-
     m = _model(S=2, d=8, F=16)
     x = torch.randn(24, 2, 8, generator=torch.Generator().manual_seed(8))
     results = {}
     for compiled in (False, True):
-        m.compiled = compiled
+        m.kernels = KernelOptions(compiled=compiled)
         m.zero_grad()
         out = m(x, sparsity_coefficient=0.5)
         out.loss.backward()
         results[compiled] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
-    assert not cc._COMPILE_FAILED, cc._COMPILE_FAILED  # it really compiled (a C++ compiler is available)
+    assert not kernel_module._COMPILE_FAILED, kernel_module._COMPILE_FAILED  # it really compiled (a C++ compiler is available)
     (a, ga), (b, gb) = results[True], results[False]
     assert torch.allclose(a.loss, b.loss, rtol=1e-5) and torch.equal(a.active, b.active)
     assert torch.allclose(a.features, b.features, atol=1e-6)
@@ -353,10 +353,8 @@ def _loss_and_grads(m: Crosscoder, x: torch.Tensor, *, bf16: bool = False):
 
 
 def _count_sparse_steps(monkeypatch) -> list[int]:
-    import crosslib.crosscoder as cc
-
-    calls, original = [], cc.ActivePattern.of
-    monkeypatch.setattr(cc.ActivePattern, "of", classmethod(lambda cls, f: calls.append(1) or original(f)))
+    calls, original = [], ActivePattern.of
+    monkeypatch.setattr(ActivePattern, "of", classmethod(lambda cls, f: calls.append(1) or original(f)))
     return calls
 
 
@@ -367,16 +365,11 @@ def _count_sparse_steps(monkeypatch) -> list[int]:
 ])
 def test_sparse_products_equal_the_dense_ones(S, independent, compiled, monkeypatch):
     """Training's sparse gate, decoder and W_E/W_D gradients compute the dense passes' values (fp32: to rounding)."""
-    import crosslib.crosscoder as cc
-
-    m = _model(S=S, F=64, independent=independent)
-    m.compiled = compiled
+    m = _model(S=S, F=64, independent=independent, kernels=KernelOptions(compiled=compiled, sparse=False))
     x = torch.randn(53, S, 8, generator=torch.Generator().manual_seed(4))
-    m.sparse = False
     dense, dense_grads = _loss_and_grads(m, x)
-    m.sparse = True
+    m.kernels = m.kernels.replace(sparse=True)  # whatever the density
     calls = _count_sparse_steps(monkeypatch)
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", math.inf)
     sparse, sparse_grads = _loss_and_grads(m, x)
     assert calls == [1]  # the sparse path really ran
     assert 0 < dense.active.sum() < dense.features.numel()  # some features on, some off
@@ -388,15 +381,11 @@ def test_sparse_products_equal_the_dense_ones(S, independent, compiled, monkeypa
 
 
 def test_sparse_products_under_bf16_autocast_match_to_bf16_rounding(monkeypatch):
-    import crosslib.crosscoder as cc
-
-    m = _model(S=1, d=32, F=256)
+    m = _model(S=1, d=32, F=256, kernels=KernelOptions(sparse=False))
     x = torch.randn(300, 1, 32, generator=torch.Generator().manual_seed(5))
-    m.sparse = False
     dense, dense_grads = _loss_and_grads(m, x, bf16=True)
-    m.sparse = True
+    m.kernels = KernelOptions(sparse=True)
     calls = _count_sparse_steps(monkeypatch)
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", math.inf)
     sparse, sparse_grads = _loss_and_grads(m, x, bf16=True)
     assert calls == [1]
     assert sparse.reconstruction.dtype == dense.reconstruction.dtype == torch.bfloat16
@@ -407,18 +396,16 @@ def test_sparse_products_under_bf16_autocast_match_to_bf16_rounding(monkeypatch)
 
 
 def test_sparse_products_run_only_when_f_is_sparse_and_in_training(monkeypatch):
-    import crosslib.crosscoder as cc
-
-    m = _model(S=1, F=64)
+    m = _model(S=1, F=64)  # KernelOptions(sparse=None): automatic
     x = torch.randn(40, 1, 8, generator=torch.Generator().manual_seed(6))
     calls = _count_sparse_steps(monkeypatch)
     density = float(m(x).active.sum()) / (40 * 64)  # (this forward is in training mode: it may count)
     calls.clear()
     threads = torch.get_num_threads()  # the limit is SPARSE_MAX_DENSITY / threads
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", density * threads * 0.99)
+    monkeypatch.setattr(kernel_module, "SPARSE_MAX_DENSITY", density * threads * 0.99)
     m(x)
     assert calls == []  # denser than allowed: dense products
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", density * threads)
+    monkeypatch.setattr(kernel_module, "SPARSE_MAX_DENSITY", density * threads)
     m(x)
     assert calls == [1]
     m.eval()
@@ -428,9 +415,20 @@ def test_sparse_products_run_only_when_f_is_sparse_and_in_training(monkeypatch):
     assert calls == [1]  # evaluation and no-grad passes stay dense
 
 
-def test_active_pattern_indexes_every_nonzero_once():
-    from crosslib.crosscoder import ActivePattern
+def test_kernel_options_are_one_switch_that_travels_with_the_model():
+    options = KernelOptions(fused=False, sparse=False)
+    m = _model(S=3, independent=True, kernels=options)
+    assert m.sae(1).kernels is options and m.select_snapshots([0, 2]).kernels is options
+    assert Crosscoder.stack([m.sae(0), m.sae(2)]).kernels is options
+    assert Crosscoder.from_state(m.config, m.state_dict(), kernels=options).kernels is options
+    assert options.eager() == options and KernelOptions(compiled=True).eager() == KernelOptions()
+    with pytest.raises(ParameterError, match="sparse"):
+        KernelOptions(sparse="auto")
+    with pytest.raises(ParameterError, match="kernels"):
+        Crosscoder(m.config, kernels={"fused": False})
 
+
+def test_active_pattern_indexes_every_nonzero_once():
     g = torch.Generator().manual_seed(7)
     S, F, B = 2, 5, 7
     f = torch.where(torch.rand(S, F, B, generator=g) < 0.3, torch.rand(S, F, B, generator=g) + 0.1, 0.0)

@@ -1,5 +1,5 @@
-"""The compiled kernels equal the eager ones on every instruction set this CPU can emulate, and never
-corrupt memory (each run in a fresh process with glibc's heap checks: an overflow aborts it)."""
+"""The compiled kernels (crosslib/kernels.py) equal the eager ones on every instruction set this CPU can
+emulate, and never corrupt memory (each run in a fresh process with glibc's heap checks: an overflow aborts it)."""
 
 from __future__ import annotations
 

@@ -3,22 +3,22 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 
 import pytest
 import torch
 
-import crosslib.crosscoder as cc
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
+from crosslib.kernels import KernelOptions
 from crosslib.reference import crosscoder_loss
 
 HAS_COMPILER = any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
-def _model(S: int, F: int = 48, d: int = 16, seed: int = 1) -> Crosscoder:
+def _model(S: int, F: int = 48, d: int = 16, seed: int = 1, kernels: KernelOptions = KernelOptions()) -> Crosscoder:
     """Varied decoder norms, thresholds and biases, so gates open and close and windows catch."""
-    m = Crosscoder(CrosscoderConfig(n_snapshots=S, d_model=d, dict_size=F, decoder_init_norm=0.5), seed=seed)
+    m = Crosscoder(CrosscoderConfig(n_snapshots=S, d_model=d, dict_size=F, decoder_init_norm=0.5), seed=seed,
+                   kernels=kernels)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         m.W_D.mul_(torch.rand(S, F, 1, generator=g) * 2 + 0.05)
@@ -36,18 +36,22 @@ def _run(m: Crosscoder, x: torch.Tensor, fast: bool, bf16: bool = False):
     return out, {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-# fp32: the fast path reorders sums, nothing else (tolerances: float32 rounding over ~100-term sums)
-@pytest.mark.parametrize("S, fused, sparse, compiled", [
-    (1, True, False, False), (1, False, False, False), (1, True, True, False),
-    (3, True, False, False), (3, False, False, False), (3, True, True, False),
-    pytest.param(3, True, True, True, marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")),
-    pytest.param(1, True, False, True, marks=pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")),
-])
-def test_fast_path_equals_the_reference(S, fused, sparse, compiled, monkeypatch):
-    m = _model(S)
-    m.fused, m.sparse, m.compiled = fused, sparse, compiled
-    if sparse:  # take the sparse products whatever the density
-        monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", math.inf)
+# fp32: the fast path reorders sums, nothing else (tolerances: float32 rounding over ~100-term sums).
+# KernelOptions() is the default fast path; fused=False, sparse=False the plainest kernels; sparse=True
+# takes the sparse products whatever the density.
+NEEDS_COMPILER = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler")
+
+
+@pytest.mark.parametrize("S, kernels", [
+    (1, KernelOptions()), (1, KernelOptions(fused=False, sparse=False)), (1, KernelOptions(sparse=False)),
+    (1, KernelOptions(sparse=True)),
+    (3, KernelOptions()), (3, KernelOptions(fused=False, sparse=False)), (3, KernelOptions(sparse=False)),
+    (3, KernelOptions(sparse=True)),
+    pytest.param(3, KernelOptions(compiled=True, sparse=True), marks=NEEDS_COMPILER),
+    pytest.param(1, KernelOptions(compiled=True, sparse=False), marks=NEEDS_COMPILER),
+], ids=str)
+def test_fast_path_equals_the_reference(S, kernels):
+    m = _model(S, kernels=kernels)
     x = torch.randn(70, S, 16, generator=torch.Generator().manual_seed(2))
     ref, ref_grads = _run(m, x, fast=False)
     out, grads = _run(m, x, fast=True)

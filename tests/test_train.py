@@ -4,7 +4,6 @@ caching, the one-pass per-snapshot SAEs, the schedule. Tiny models; ~30 s in all
 from __future__ import annotations
 
 import json
-import math
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from crosslib.config import ParameterError
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
+from crosslib.kernels import KernelOptions
 from crosslib.sources import TensorSource, planted_features
 from crosslib.artifacts import ArtifactError
 from crosslib.train import (CHECKPOINT_JSON, DataError, TrainConfig, TrainingDiverged, load_result, train_crosscoder,
@@ -206,6 +206,8 @@ def test_schedule_follows_the_paper():
     tiny_preset = CrosscoderConfig(n_snapshots=16, d_model=128, dict_size=2048)
     assert not TrainConfig(n_steps=100, batch_size=64).use_compile(tiny_preset)  # too small to pay back compiling
     assert TrainConfig(compile=True).use_compile(SMALL_MODEL) and not TrainConfig(compile=False).use_compile(tiny_preset)
+    assert TrainConfig(compile=True).kernel_options(SMALL_MODEL, KernelOptions(sparse=False)) == KernelOptions(
+        compiled=True, sparse=False)  # compile sets `compiled` and nothing else
     with pytest.raises(ParameterError, match="compile"):
         TrainConfig(compile="yes")
 
@@ -297,22 +299,20 @@ def test_tensor_source_protocol():
         s.rows("test")
 
 
-def test_sparse_products_train_like_dense_ones_and_resume_exactly(tmp_path, monkeypatch):
-    """With every step on the sparse products (SPARSE_MAX_DENSITY = ∞), fp32 training follows the dense run to
+def test_sparse_products_train_like_dense_ones_and_resume_exactly(tmp_path):
+    """With every step on the sparse products (KernelOptions(sparse=True)), fp32 training follows the dense run to
     rounding, and a killed sparse run resumes to the same weights as an uninterrupted one."""
-    import crosslib.crosscoder as cc
-
     source = planted_features(n_rows=1500, n_snapshots=1, d_model=8, n_shared=6, n_partial=0, seed=1)[0]
     model = CrosscoderConfig(n_snapshots=1, d_model=8, dict_size=32)
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", 0.0)
-    dense = train_crosscoder(source, model, SMALL_TRAIN, progress=False)
-    monkeypatch.setattr(cc, "SPARSE_MAX_DENSITY", math.inf)
-    sparse = train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "full", progress=False)
+    dense = train_crosscoder(source, model, SMALL_TRAIN, progress=False, kernels=KernelOptions(sparse=False))
+    always = KernelOptions(sparse=True)
+    sparse = train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "full", progress=False, kernels=always)
     for name, value in dense.model.state_dict().items():
         assert torch.allclose(sparse.model.state_dict()[name], value, rtol=1e-4, atol=1e-5), name
     assert sparse.history[-1]["loss"] == pytest.approx(dense.history[-1]["loss"], rel=1e-5)
-    train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "killed", progress=False, stop_after=9)
-    resumed = train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "killed", progress=False)
+    assert sparse.model.kernels == always  # (eager after training: SMALL_TRAIN does not compile)
+    train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "killed", progress=False, stop_after=9, kernels=always)
+    resumed = train_crosscoder(source, model, SMALL_TRAIN, tmp_path / "killed", progress=False, kernels=always)
     assert same_weights(resumed.model, sparse.model) and resumed.history == sparse.history
 
 
