@@ -139,6 +139,27 @@ def induction_turns_on(induction_step: int | None, final_score: float) -> ClaimR
     )
 
 
+def induction_is_robust(on_steps: Sequence[int | None], interval: int) -> ClaimResult:
+    """Induction turns on in every run of a grid (seeds × precisions × CPU kernels), at steps that
+    differ by at most one checkpoint interval. `on_steps`: each run's first snapshot whose induction
+    score exceeds `crosslib.dynamics.INDUCTION_ON_NATS` (None: never). "partly": every run turns it
+    on, but the step varies more than that; "no": some run never does."""
+    runs = len(on_steps)
+    found = [int(s) for s in on_steps if s is not None]
+    spread = max(found) - min(found) if found else 0
+    verdict: Verdict = ("no" if not runs or len(found) < runs else "yes" if spread <= interval else "partly")
+    measured = f"{len(found)} of {runs} runs" + (f", steps {min(found)}–{max(found)}" if found else "")
+    return ClaimResult(
+        "Induction turns on whatever the seed, precision or CPU",
+        "one training run; a reproduction should not hinge on its seed or its CPU's rounding",
+        measured,
+        verdict,
+        f"every run, within one checkpoint interval ({interval} steps)" if verdict == "yes" else
+        f"every run, but the steps spread over {spread} > {interval} steps" if verdict == "partly" else
+        f"{runs - len(found)} run(s) never reach the induction threshold",
+    )
+
+
 def flat_after(values: Sequence[float] | np.ndarray, steps: Sequence[int], from_step: int) -> tuple[bool, float]:
     """Is a curve nearly flat from `from_step` on? Returns (flat, share) where share is the range of
     the values from that step on divided by the curve's whole range (flat: share ≤ FLAT_SHARE_OF_RANGE)."""

@@ -309,6 +309,12 @@ def _saturation_step(m: pd.DataFrame, column: str, share: float) -> int:
     return int(m["step"].iloc[int(np.flatnonzero(values <= target)[0])])
 
 
+# A snapshot "has" induction when the second copy of a random sequence costs this many nats less than
+# the first: about a fifth of the ~5.5 nats a random token of the 256-token pool costs, far above the
+# ±0.3 nats a model without induction shows (chapter 1's robustness grid).
+INDUCTION_ON_NATS = 1.0
+
+
 def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5, saturation: float = 0.95) -> dict[str, Any]:
     """Landmarks of the learning curves: when each n-gram fit is best and when it saturates, when
     induction turns on.
@@ -316,6 +322,7 @@ def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5, satur
     A fit "saturates" at the first snapshot where its KL has made `saturation` of its whole fall.
     Induction "turns on" at the first snapshot whose score reaches half its final value, provided
     the final score exceeds `induction_threshold` nats; otherwise it is reported as absent (None).
+    `induction_on_step` is the first snapshot whose score exceeds `INDUCTION_ON_NATS` (None: never).
     """
     m = metrics.sort_values("step").reset_index(drop=True)
     final = m.iloc[-1]
@@ -331,6 +338,8 @@ def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5, satur
         "bigram_saturation_step": _saturation_step(m, "bigram_kl", saturation),
         "loss_below_bigram_step": int(below_bigram["step"].iloc[0]) if len(below_bigram) else None,
         "induction_step": induction_step,
+        "induction_on_step": next((int(step) for step, score in zip(m["step"], m["induction_score"])
+                                   if score > INDUCTION_ON_NATS), None),
         "final_loss": float(final["loss"]),
         "bigram_ce": float(final["bigram_ce"]),
         "unigram_ce": float(final["unigram_ce"]),

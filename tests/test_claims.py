@@ -39,6 +39,14 @@ def test_unigram_kl_falls_early():
     assert verdict(claims.unigram_kl_falls_early(1.45, 0.9, 64, 2000)) == "no"
 
 
+def test_induction_is_robust():
+    assert verdict(claims.induction_is_robust([500, 750, 500], interval=250)) == "yes"
+    assert verdict(claims.induction_is_robust([500, 1250, 500], interval=250)) == "partly"
+    assert verdict(claims.induction_is_robust([500, None, 500], interval=250)) == "no"
+    assert verdict(claims.induction_is_robust([], interval=250)) == "no"
+    assert "2 of 3 runs" in claims.induction_is_robust([500, None, 750], interval=250).measured
+
+
 def test_induction_turns_on():
     assert verdict(claims.induction_turns_on(1250, 6.3)) == "yes"
     assert verdict(claims.induction_turns_on(None, 0.1)) == "no"

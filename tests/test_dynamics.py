@@ -108,8 +108,11 @@ def test_phase_summary_landmarks():
     assert summary["unigram_saturation_step"] == 64 and summary["bigram_saturation_step"] == 256
     assert phase_summary(table, saturation=0.5)["unigram_saturation_step"] == 16
     assert summary["loss_below_bigram_step"] == 256 and summary["induction_step"] == 256
+    assert summary["induction_on_step"] == 256  # the first score above 1 nat
+    table["induction_score"] = [0.0, 0.0, 0.1, 0.9, 2.0]
+    assert phase_summary(table)["induction_on_step"] == 1000
     table["induction_score"] = 0.1
-    assert phase_summary(table)["induction_step"] is None
+    assert phase_summary(table)["induction_step"] is None and phase_summary(table)["induction_on_step"] is None
 
 
 def dense_reference_metrics(model, windows, ngrams, repeats) -> dict[str, float]:
