@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SETUP_KEY := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.crosslib-setup-$(SETUP_KEY)
 
-.PHONY: book test setup clean-book
+.PHONY: book test check-suite setup clean-book
 
 ## setup: create/reuse .venv and install crosslib with its test tools (torch pinned, CPU build)
 setup: $(STAMP)
@@ -34,6 +34,11 @@ book: setup
 ## test: unit tests and the end-to-end ones (smoke book, headless chromium)
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## check-suite: train the tiny suite under this CPU's kernels and capped at AVX2 (~25 min) and check that
+## an induction head forms in both (slow, so not part of `make test`)
+check-suite: setup
+	$(BIN)/python -m pytest -m check_suite tests/test_suite_robustness.py $(PYTEST_ARGS)
 
 ## clean-book: remove the executed chapters and the built HTML (not the data/ cache)
 clean-book:

@@ -70,3 +70,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "check_suite: trains the tiny suite under two CPU instruction sets (~25 min); run by `make check-suite`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`check_suite` tests run only when asked for by marker (`-m check_suite`), never in `make test`."""
+    if "check_suite" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="trains full suites for ~25 minutes: run `make check-suite`")
+    for item in items:
+        if "check_suite" in item.keywords:
+            item.add_marker(skip)
