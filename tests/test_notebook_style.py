@@ -21,9 +21,6 @@ CHAPTERS = toc_chapters(BOOK_DIR)
 COLLAPSED = "hide-input"
 # Tags that take code out of the page for good: hidden code must stay one click away.
 REMOVING = {"remove-input", "remove-cell", "hide-cell", "remove-output", "hide-output"}
-# Chapter 1 is tagged but its cells are not split yet: its setup and learning-dynamics cells still
-# mix the science with glue calls and long lines, so the two split-cell checks skip it.
-NOT_SPLIT = {"01_snapshot_suite"}
 MAX_LINE = 100  # characters of code that fit the page's code column at 1280 px
 PLOT_NAMES = {"plt", "fig", "ax", "axes", "ax2"}
 NOT_SCIENCE = {"check_parameters"}  # crosslib calls that are plumbing themselves
@@ -137,7 +134,7 @@ def test_the_science_stays_in_view(chapter):
     assert shown, f"{chapter}: every crosslib call is collapsed; the reader sees none of the science"
 
 
-@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c not in NOT_SPLIT])
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_visible_cells_hold_no_glue(chapter):
     for cell in code_cells(chapter):
         if is_visible(cell) and not is_parameters(cell):
@@ -145,7 +142,7 @@ def test_visible_cells_hold_no_glue(chapter):
             assert not glued, f"{chapter}: glue calls in a visible cell (split them into a hide-input cell): {glued}"
 
 
-@pytest.mark.parametrize("chapter", [c for c in CHAPTERS if c not in NOT_SPLIT])
+@pytest.mark.parametrize("chapter", CHAPTERS)
 def test_visible_code_fits_the_page(chapter):
     # The parameters cell is exempt: its trailing comments are the parameters' help text
     # (crosslib.book.declared_parameters reads them), one line each.
