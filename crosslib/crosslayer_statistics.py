@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import safetensors
@@ -35,7 +34,8 @@ from jaxtyping import Float
 from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import atomic_write_bytes
-from crosslib.config import Config, ParameterError, require, require_choice, require_positive
+from crosslib.config import (Config, ParameterError, choice, fraction, integer, is_number, positive, require,
+                             require_choice)
 
 # Feature activations of one batch of rows, as the caller's encoder returns them.
 Activations = (
@@ -87,61 +87,24 @@ class CrossLayerConfig(Config):
     seed: seeds Louvain, so the communities are the same on every run.
     """
 
-    binarise_fraction: float = 0.2
-    pass_through: float = 0.95
+    binarise_fraction: Annotated[float, fraction("[0, 1)", allowed="a number in [0, 1) (share of each feature's maximum)")] = 0.2
+    pass_through: Annotated[float, fraction("(0, 1]", allowed="a correlation in (0, 1]")] = 0.95
     partner_threshold: float = 0.5
-    gate: float = 0.999
-    gate_min_active: int = 10
-    edge_measure: str = "pearson"
-    edge_threshold: float = 0.5
-    top_k: int = 5
-    louvain_resolution: float = 1.0
-    seed: int = 0
+    gate: Annotated[float, fraction("(0, 1]", allowed="a probability in (0, 1]")] = 0.999
+    gate_min_active: Annotated[int, integer(1, allowed="an integer >= 1 (rows)")] = 10
+    edge_measure: Annotated[str, choice(*EDGE_MEASURES)] = "pearson"
+    edge_threshold: Annotated[float, fraction("(0, 1]")] = 0.5
+    top_k: Annotated[int, integer(1)] = 5
+    louvain_resolution: Annotated[float, positive()] = 1.0
+    seed: Annotated[int, integer()] = 0
 
     def validate(self) -> None:
         require(
-            _is_number(self.binarise_fraction) and 0 <= self.binarise_fraction < 1,
-            "binarise_fraction",
-            self.binarise_fraction,
-            "a number in [0, 1) (share of each feature's maximum)",
-        )
-        require(
-            _is_number(self.pass_through) and 0 < self.pass_through <= 1,
-            "pass_through",
-            self.pass_through,
-            "a correlation in (0, 1]",
-        )
-        require(
-            _is_number(self.partner_threshold) and 0 < self.partner_threshold <= self.pass_through,
+            is_number(self.partner_threshold) and 0 < self.partner_threshold <= self.pass_through,
             "partner_threshold",
             self.partner_threshold,
             f"a correlation in (0, pass_through={self.pass_through}]",
         )
-        require(_is_number(self.gate) and 0 < self.gate <= 1, "gate", self.gate, "a probability in (0, 1]")
-        require(
-            _is_int(self.gate_min_active) and self.gate_min_active >= 1,
-            "gate_min_active",
-            self.gate_min_active,
-            "an integer ≥ 1 (rows)",
-        )
-        require_choice("edge_measure", self.edge_measure, EDGE_MEASURES)
-        require(
-            _is_number(self.edge_threshold) and 0 < self.edge_threshold <= 1,
-            "edge_threshold",
-            self.edge_threshold,
-            "a number in (0, 1]",
-        )
-        require(_is_int(self.top_k) and self.top_k >= 1, "top_k", self.top_k, "an integer ≥ 1")
-        require_positive("louvain_resolution", self.louvain_resolution)
-        require(_is_int(self.seed), "seed", self.seed, "an integer")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ from torch import Tensor
 from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import atomic_write_text, build_artifact, sha256_bytes
-from crosslib.config import Config, require, require_fraction, require_positive
+from crosslib.config import Config, fraction, optional, positive, require
 from crosslib.snapshots import load_config, load_snapshot, suite_fingerprint
 from crosslib.corpus import CorpusConfig
 from crosslib.suite import iter_steps, suite_token_streams, token_windows
@@ -58,24 +58,17 @@ PAIRS_PER_BLOCK = 1 << 22
 
 @dataclasses.dataclass(frozen=True)
 class DynamicsConfig(Config):
-    n_windows: int = 200  # held-out windows for loss and KLs
-    context_length: int | None = None  # None: the model's context, at most 128
-    induction_sequences: int = 100
-    induction_half_length: int | None = None  # random tokens, then the same again; None: context // 4
+    n_windows: Annotated[int, positive()] = 200  # held-out windows for loss and KLs
+    context_length: Annotated[int | None, optional(positive())] = None  # None: the model's context, at most 128
+    induction_sequences: Annotated[int, positive()] = 100
+    # random tokens, then the same again; None: context // 4
+    induction_half_length: Annotated[int | None, optional(positive())] = None
     # Random tokens are drawn from this most frequent share of the vocabulary: the 256 most frequent of
     # the tiny suite's 4096, the pool its training mix repeats (SuiteConfig.repeat_vocab).
-    frequent_fraction: float = 0.0625
-    bigram_smoothing: float = 10.0
-    batch_size: int = 50
+    frequent_fraction: Annotated[float, fraction()] = 0.0625
+    bigram_smoothing: Annotated[float, positive()] = 10.0
+    batch_size: Annotated[int, positive()] = 50
     seed: int = 0
-
-    def validate(self) -> None:
-        for name in ("n_windows", "induction_sequences", "batch_size", "bigram_smoothing"):
-            require_positive(name, getattr(self, name))
-        for name in ("context_length", "induction_half_length"):
-            if getattr(self, name) is not None:
-                require_positive(name, getattr(self, name))
-        require_fraction("frequent_fraction", self.frequent_fraction)
 
 
 @dataclasses.dataclass

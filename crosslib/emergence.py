@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Annotated, Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,10 +45,13 @@ from crosslib.progress import progress as tqdm
 from crosslib.config import (
     Config,
     ParameterError,
+    choice,
+    finite,
+    fraction,
+    integer,
+    positive,
     require,
     require_choice,
-    require_fraction,
-    require_positive,
 )
 from crosslib.statistics import correlate
 
@@ -92,31 +95,20 @@ class EmergenceConfig(Config):
     projection: normalisation of the projection matrix P, see `projection_matrix`.
     """
 
-    strong_fraction: float = 0.5
-    fade_fraction: float = 0.25
-    min_lifetime: int = 1
-    turning_point_method: str = "direction_change"
-    direction_weighting: str = "strength"
-    projection: str = "peak"
+    strong_fraction: Annotated[float, fraction()] = 0.5
+    fade_fraction: Annotated[float, fraction()] = 0.25
+    min_lifetime: Annotated[int, integer(1, allowed="an integer >= 1 (snapshots)")] = 1
+    turning_point_method: Annotated[str, choice(*TURNING_POINT_METHODS)] = "direction_change"
+    direction_weighting: Annotated[str, choice(*DIRECTION_WEIGHTINGS)] = "strength"
+    projection: Annotated[str, choice(*PROJECTION_NORMALISATIONS)] = "peak"
 
     def validate(self) -> None:
-        require_fraction("strong_fraction", self.strong_fraction)
-        require_fraction("fade_fraction", self.fade_fraction)
         require(
             self.fade_fraction <= self.strong_fraction,
             "fade_fraction",
             self.fade_fraction,
             f"a number in (0, strong_fraction={self.strong_fraction}]",
         )
-        require(
-            isinstance(self.min_lifetime, int) and not isinstance(self.min_lifetime, bool) and self.min_lifetime >= 1,
-            "min_lifetime",
-            self.min_lifetime,
-            "an integer ≥ 1 (snapshots)",
-        )
-        require_choice("turning_point_method", self.turning_point_method, TURNING_POINT_METHODS)
-        require_choice("direction_weighting", self.direction_weighting, DIRECTION_WEIGHTINGS)
-        require_choice("projection", self.projection, PROJECTION_NORMALISATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,34 +127,14 @@ class SeparabilityConfig(Config):
     seed: seeds the feature sample and the position sample.
     """
 
-    n_features: int = 32
-    samples_per_class: int = 200
-    min_active: int = 20
-    activation_threshold: float = 0.0
-    train_fraction: float = 0.5
-    l2: float = 1e-2
-    max_iter: int = 100
-    seed: int = 0
-
-    def validate(self) -> None:
-        for name in ("n_features", "samples_per_class", "min_active", "max_iter"):
-            value = getattr(self, name)
-            require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                name,
-                value,
-                "an integer ≥ 1",
-            )
-        require(self.min_active >= 2, "min_active", self.min_active, "an integer ≥ 2 (one per split)")
-        require(
-            isinstance(self.activation_threshold, (int, float)) and math.isfinite(self.activation_threshold),
-            "activation_threshold",
-            self.activation_threshold,
-            "a finite number",
-        )
-        require_fraction("train_fraction", self.train_fraction)
-        require_positive("l2", self.l2)
-        require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+    n_features: Annotated[int, integer(1)] = 32
+    samples_per_class: Annotated[int, integer(1)] = 200
+    min_active: Annotated[int, integer(2, allowed="an integer >= 2 (one per split)")] = 20
+    activation_threshold: Annotated[float, finite()] = 0.0
+    train_fraction: Annotated[float, fraction()] = 0.5
+    l2: Annotated[float, positive()] = 1e-2
+    max_iter: Annotated[int, integer(1)] = 100
+    seed: Annotated[int, integer()] = 0
 
 
 # --------------------------------------------------------------------------------------------

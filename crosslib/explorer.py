@@ -47,7 +47,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Annotated, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -55,7 +55,8 @@ from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_
                                 sha256_file)
 from crosslib.constants import data_dir
 from crosslib.complexity import ContextDepthConfig, ContextDepthScorer, LLMRubricConfig, LLMRubricScorer, score_features
-from crosslib.config import Config, ParameterError, content_hash, require
+from crosslib.config import (Config, ParameterError, content_hash, instance_of, integer, is_int, non_empty_str, optional,
+                             require)
 from crosslib.dashboards import ContextConfig, TokenDecoder, TopContext, feature_contexts, reduce_snapshots, top_contexts
 from crosslib.emergence import MIN_FIRING_ROWS, EmergenceConfig, emergence_table, firing_norms
 
@@ -94,33 +95,18 @@ class ExplorerConfig(Config):
     title: the page's heading.
     """
 
-    contexts: ContextConfig = ContextConfig(n_examples=5, window_tokens=32, tokens_after=8)
-    emergence: EmergenceConfig = EmergenceConfig()
-    complexity: ContextDepthConfig = ContextDepthConfig()
-    llm_model: str | None = None
-    max_windows: int | None = None
-    features_per_shard: int = 64
-    postings_per_search_shard: int = 20_000
-    task_top_n: int = 10
-    min_firing_rows: int = MIN_FIRING_ROWS  # with firing counts: chapter 3's rule for where a feature exists
-    title: str = "Feature explorer"
-
-    def validate(self) -> None:
-        require(isinstance(self.contexts, ContextConfig), "contexts", self.contexts, "a ContextConfig")
-        require(isinstance(self.emergence, EmergenceConfig), "emergence", self.emergence, "an EmergenceConfig")
-        require(isinstance(self.complexity, ContextDepthConfig), "complexity", self.complexity, "a ContextDepthConfig")
-        require(self.llm_model is None or (isinstance(self.llm_model, str) and self.llm_model.strip() != ""),
-                "llm_model", self.llm_model, "None or a model id")
-        require(self.max_windows is None or (_is_int(self.max_windows) and self.max_windows >= 1),
-                "max_windows", self.max_windows, "None or an integer ≥ 1")
-        require(_is_int(self.features_per_shard) and 1 <= self.features_per_shard <= 65_536,
-                "features_per_shard", self.features_per_shard, "an integer in [1, 65536]")
-        require(_is_int(self.postings_per_search_shard) and self.postings_per_search_shard >= 100,
-                "postings_per_search_shard", self.postings_per_search_shard, "an integer ≥ 100")
-        require(_is_int(self.task_top_n) and self.task_top_n >= 1, "task_top_n", self.task_top_n, "an integer ≥ 1")
-        require(_is_int(self.min_firing_rows) and self.min_firing_rows >= 1, "min_firing_rows", self.min_firing_rows,
-                "an integer ≥ 1 (held-out rows)")
-        require(isinstance(self.title, str), "title", self.title, "a string")
+    contexts: Annotated[ContextConfig, instance_of(ContextConfig)] = (
+        ContextConfig(n_examples=5, window_tokens=32, tokens_after=8))
+    emergence: Annotated[EmergenceConfig, instance_of(EmergenceConfig)] = EmergenceConfig()
+    complexity: Annotated[ContextDepthConfig, instance_of(ContextDepthConfig)] = ContextDepthConfig()
+    llm_model: Annotated[str | None, optional(non_empty_str(allowed="a model id"))] = None
+    max_windows: Annotated[int | None, optional(integer(1))] = None
+    features_per_shard: Annotated[int, integer(1, 65_536)] = 64
+    postings_per_search_shard: Annotated[int, integer(100)] = 20_000
+    task_top_n: Annotated[int, integer(1)] = 10
+    # with firing counts: chapter 3's rule for where a feature exists
+    min_firing_rows: Annotated[int, integer(1, allowed="an integer >= 1 (held-out rows)")] = MIN_FIRING_ROWS
+    title: Annotated[str, instance_of(str, allowed="a string")] = "Feature explorer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +122,6 @@ class ExplorerKey(Config):
     llm_answers: str
     firing_counts: str | None = None
     version: int = FORMAT_VERSION
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +296,7 @@ def prepare_explorer(
     from crosslib.crosscoder import model_fingerprint
     from crosslib.sources import source_fingerprint
 
-    require(_is_int(chunk_features) and chunk_features >= 1, "chunk_features", chunk_features, "an integer ≥ 1")
+    require(is_int(chunk_features) and chunk_features >= 1, "chunk_features", chunk_features, "an integer ≥ 1")
     require(model.config.activation != "topk", "model", "a TopK crosscoder",
             "a JumpReLU or ReLU crosscoder (a TopK feature's activation depends on the other features)")
     n_snapshots = int(model.config.n_snapshots)
@@ -543,7 +525,7 @@ def page_weight(data: str | os.PathLike) -> dict[str, int]:
 
 def feature_href(feature: int, page: str = BOOK_PAGE_HREF) -> str:
     """The deep link to one feature: `explorer.html#feature-<id>`."""
-    require(_is_int(feature) and feature >= 0, "feature", feature, "a feature id (an integer ≥ 0)")
+    require(is_int(feature) and feature >= 0, "feature", feature, "a feature id (an integer ≥ 0)")
     return f"{page}#feature-{int(feature)}"
 
 

@@ -15,58 +15,28 @@ tests/test_bad_inputs.py holds one bad value per entry.
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from crosslib.config import ParameterError, require, require_choice
-
-Check = Callable[[str, Any], None]
-
+from crosslib.config import (ParameterError, Rule, finite, integer, is_int, non_empty_str, non_negative, positive_int,
+                             require, require_choice)
 
 # --------------------------------------------------------------------------- value checks
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def positive_int(name: str, value: Any) -> None:
-    require(_is_int(value) and value > 0, name, value, "a positive integer")
-
-
-def seed(name: str, value: Any) -> None:
-    require(_is_int(value) and 0 <= value < 2**32, name, value, "an integer in 0..2**32-1")
-
-
-def number(name: str, value: Any) -> None:
-    require(_is_number(value), name, value, "a finite number")
-
-
-def non_negative(name: str, value: Any) -> None:
-    require(_is_number(value) and value >= 0, name, value, "a finite number >= 0")
-
-
-def non_empty_text(name: str, value: Any) -> None:
-    require(isinstance(value, str) and value.strip() != "", name, value, "a non-empty string")
+seed = integer(0, 2**32 - 1, allowed="an integer in 0..2**32-1")
 
 
 def step_list(name: str, value: Any) -> None:
     """None (every snapshot) or a non-empty list of distinct training steps."""
     ok = value is None or (
-        isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(s) and s >= 0 for s in value)
+        isinstance(value, (list, tuple)) and len(value) > 0 and all(is_int(s) and s >= 0 for s in value)
         and len(set(value)) == len(value)
     )
     require(ok, name, value, "None (every snapshot) or a non-empty list of distinct training steps, e.g. [0, 512, 2000]")
 
 
-def list_of(item: Check, what: str) -> Check:
+def list_of(item: Rule, what: str) -> Rule:
     def check(name: str, value: Any) -> None:
         require(isinstance(value, (list, tuple)) and len(value) > 0, name, value, f"a non-empty list of {what}")
         for v in value:
@@ -77,7 +47,7 @@ def list_of(item: Check, what: str) -> Check:
     return check
 
 
-def choice(choices: Callable[[], Any]) -> Check:
+def choice(choices: Callable[[], Any]) -> Rule:
     def check(name: str, value: Any) -> None:
         require_choice(name, value, choices())
     return check
@@ -148,7 +118,7 @@ def _scores() -> tuple[str, ...]:
 
 
 # One entry per parameter name that a chapter may declare.
-CHECKS: dict[str, Check] = {
+CHECKS: dict[str, Rule] = {
     "suite": suite,
     "suite_overrides": mapping,
     "corpus": corpus,
@@ -159,26 +129,22 @@ CHECKS: dict[str, Check] = {
     "layer_hook": layer_hook,
     "device": device,
     "seed": seed,
-    **{name: positive_int for name in (
+    **{name: positive_int() for name in (
         "n_windows", "induction_sequences", "n_tokens", "n_layer_tokens", "dict_size", "n_steps", "batch_size",
         "n_probe_features", "n_scored_features", "n_dashboards", "n_prompts", "ig_steps", "n_detail_windows",
         "dynamics_batch_size", "features_per_shard", "n_contexts", "min_firing_rows",
     )},
-    "sparsity_coefficient": non_negative,
-    "sparsity_coefficients": list_of(non_negative, "numbers >= 0"),
-    "strong_fraction": number,
-    "fade_fraction": number,
-    "warm_fraction": number,
-    "warm_lr_factor": number,
-    "pass_through": number,
-    "gate_threshold": number,
-    "edge_threshold": number,
-    "min_metric": number,
-    "llm_model": non_empty_text,
+    "sparsity_coefficient": non_negative(),
+    "sparsity_coefficients": list_of(non_negative(), "numbers >= 0"),
+    **{name: finite() for name in (
+        "strong_fraction", "fade_fraction", "warm_fraction", "warm_lr_factor", "pass_through", "gate_threshold",
+        "edge_threshold", "min_metric",
+    )},
+    "llm_model": non_empty_str(),
     "task": choice(_tasks),
     "tasks": list_of(choice(_tasks), "task names"),
     "rank_by": choice(_scores),
-    "ablation_ks": list_of(positive_int, "positive integers"),
+    "ablation_ks": list_of(positive_int(), "positive integers"),
 }
 
 
@@ -214,7 +180,7 @@ def check_types(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[
         elif isinstance(default, int):
             if isinstance(value, float) and value.is_integer():
                 value = out[name] = int(value)
-            ok = _is_int(value)
+            ok = is_int(value)
         elif isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif isinstance(default, (list, tuple)):

@@ -70,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,7 +80,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from crosslib.progress import progress as tqdm
 
-from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
+from crosslib.config import (Config, ParameterError, boolean, choice, fraction, integer, is_int, non_negative, positive,
+                             positive_int, require, require_choice)
 from crosslib.crosscoder import ACTIVATIONS, SPARSITIES, Crosscoder, CrosscoderConfig
 from crosslib.statistics import correlate
 from crosslib.train import (TrainConfig, TrainResult, check_finite, evaluate, search_decoder_norm, train_crosscoder,
@@ -95,10 +96,6 @@ FEATURE_CHUNK = 256  # features per block in the formation score (bounds memory 
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,61 +123,36 @@ class SAETrackConfig(Config):
         cosine of their final decoder directions, at least min_match_cosine).
     """
 
-    dict_size: int = 512
-    activation: str = "jumprelu"
+    dict_size: Annotated[int, positive_int()] = 512
+    activation: Annotated[str, choice(*ACTIVATIONS)] = "jumprelu"
     k: int = 32
-    sparsity: str = "tanh-quad"
-    sparsity_coefficient: float = 0.3
-    n_steps: int = 1000
-    batch_size: int = 2048
-    lr: float = 1e-3
-    seed: int = 0
-    bf16: bool = False
-    eval_rows: int = 8192
-    warm_fraction: float = 0.2
-    warm_lr_factor: float = 0.1
-    warm_sparsity_warmup_fraction: float = 0.0
-    bias_init: str = "mean"
-    n_top: int = 16
-    n_random: int = 256
-    formation_rows: int = 8192
-    formation_fraction: float = 0.5
-    min_final_score: float = 0.1
-    n_trajectory_features: int = 24
-    match_by: str = "activation"
-    min_match_correlation: float = 0.5
-    min_match_cosine: float = 0.7
+    sparsity: Annotated[str, choice(*SPARSITIES)] = "tanh-quad"
+    sparsity_coefficient: Annotated[float, non_negative()] = 0.3
+    n_steps: Annotated[int, positive_int()] = 1000
+    batch_size: Annotated[int, positive_int()] = 2048
+    lr: Annotated[float, positive()] = 1e-3
+    seed: Annotated[int, integer(0)] = 0
+    bf16: Annotated[bool, boolean()] = False
+    eval_rows: Annotated[int, positive_int()] = 8192
+    warm_fraction: Annotated[float, fraction("(0, 1]", allowed="a number in (0, 1] (the share of the first SAE's "
+                                                              "steps each warm link trains)")] = 0.2
+    warm_lr_factor: Annotated[float, positive()] = 0.1
+    warm_sparsity_warmup_fraction: Annotated[float, fraction("[0, 1]")] = 0.0
+    bias_init: Annotated[str, choice(*BIAS_INITS)] = "mean"
+    n_top: Annotated[int, integer(2, allowed="an integer >= 2 (a mean pairwise cosine needs two rows)")] = 16
+    n_random: Annotated[int, integer(2)] = 256
+    formation_rows: Annotated[int, positive_int()] = 8192
+    formation_fraction: Annotated[float, fraction()] = 0.5
+    min_final_score: Annotated[float, fraction("[0, 1]")] = 0.1
+    n_trajectory_features: Annotated[int, positive_int()] = 24
+    match_by: Annotated[str, choice(*MATCH_BY)] = "activation"
+    min_match_correlation: Annotated[float, fraction("[0, 1]")] = 0.5
+    min_match_cosine: Annotated[float, fraction("[0, 1]")] = 0.7
 
     def validate(self) -> None:
-        for name in ("dict_size", "n_steps", "batch_size", "eval_rows", "formation_rows", "n_trajectory_features"):
-            value = getattr(self, name)
-            require(_is_int(value) and value > 0, name, value, "a positive integer")
-        require_choice("activation", self.activation, ACTIVATIONS)
-        require_choice("sparsity", self.sparsity, SPARSITIES)
         if self.activation == "topk":
-            require(_is_int(self.k) and 1 <= self.k <= self.dict_size, "k", self.k,
+            require(is_int(self.k) and 1 <= self.k <= self.dict_size, "k", self.k,
                     f"an integer in 1..dict_size={self.dict_size}")
-        require(isinstance(self.sparsity_coefficient, (int, float)) and math.isfinite(self.sparsity_coefficient)
-                and self.sparsity_coefficient >= 0, "sparsity_coefficient", self.sparsity_coefficient,
-                "a number >= 0")
-        require_positive("lr", self.lr)
-        require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        require(isinstance(self.bf16, bool), "bf16", self.bf16, "True or False")
-        require(isinstance(self.warm_fraction, (int, float)) and 0 < self.warm_fraction <= 1, "warm_fraction",
-                self.warm_fraction, "a number in (0, 1] (the share of the first SAE's steps each warm link trains)")
-        require_positive("warm_lr_factor", self.warm_lr_factor)
-        require_fraction("warm_sparsity_warmup_fraction", self.warm_sparsity_warmup_fraction, open_interval=False)
-        require_choice("bias_init", self.bias_init, BIAS_INITS)
-        require(_is_int(self.n_top) and self.n_top >= 2, "n_top", self.n_top,
-                "an integer >= 2 (a mean pairwise cosine needs two rows)")
-        require(_is_int(self.n_random) and self.n_random >= 2, "n_random", self.n_random, "an integer >= 2")
-        require_fraction("formation_fraction", self.formation_fraction)
-        require(isinstance(self.min_final_score, (int, float)) and 0 <= self.min_final_score <= 1, "min_final_score",
-                self.min_final_score, "a number in [0, 1]")
-        require_choice("match_by", self.match_by, MATCH_BY)
-        for name in ("min_match_cosine", "min_match_correlation"):
-            value = getattr(self, name)
-            require(isinstance(value, (int, float)) and 0 <= value <= 1, name, value, "a number in [0, 1]")
 
     # ---- the configs of the trainings this run asks for
 
@@ -361,7 +333,7 @@ def train_cold_saes(
     config = _check_config(config)
     _check_source(source)
     snapshots = list(range(1, source.n_snapshots)) if snapshots is None else list(snapshots)
-    require(all(_is_int(k) and 0 <= k < source.n_snapshots for k in snapshots), "snapshots", snapshots,
+    require(all(is_int(k) and 0 <= k < source.n_snapshots for k in snapshots), "snapshots", snapshots,
             f"indices in 0..{source.n_snapshots - 1}")
     model_config = config.model_config(source.d_model)
     train_config = config.cold_train_config()
@@ -688,7 +660,7 @@ def pca_trajectories(
     steps = list(range(n_snapshots)) if steps is None else [int(s) for s in steps]
     require(len(steps) == n_snapshots, "steps", steps, f"one step per snapshot ({n_snapshots})")
     if features is None:
-        require(_is_int(n_features) and n_features > 0, "n_features", n_features, "a positive integer")
+        require(is_int(n_features) and n_features > 0, "n_features", n_features, "a positive integer")
         alive = np.flatnonzero((torch.linalg.vector_norm(tensor, dim=-1) > 0).all(dim=0).numpy())
         rng = np.random.default_rng(seed)
         features = np.sort(rng.choice(alive, size=min(n_features, alive.size), replace=False))

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,7 +53,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from crosslib.progress import progress as tqdm
 
-from crosslib.config import Config, ParameterError, require, require_fraction
+from crosslib.config import Config, ParameterError, boolean, fraction, integer, positive_int, require, require_fraction
 
 TASK_NAMES: tuple[str, ...] = ("induction_random", "induction_text", "agreement", "ioi")
 
@@ -127,22 +127,13 @@ class TaskConfig(Config):
     seed               seeds the choice of words, tokens and spans
     """
 
-    n_prompts: int = 64
-    induction_length: int = 16
-    frequent_fraction: float = 0.0625  # the 256 most frequent of the tiny suite's 4096: the pool its mix repeats
-    min_words: int = 4
-    strict: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        for name in ("n_prompts", "induction_length", "min_words"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                    "a positive integer")
-        require(self.induction_length >= 2, "induction_length", self.induction_length, "an integer >= 2")
-        require_fraction("frequent_fraction", self.frequent_fraction, open_interval=False)
-        require(isinstance(self.strict, bool), "strict", self.strict, "True or False")
-        require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+    n_prompts: Annotated[int, positive_int()] = 64
+    induction_length: Annotated[int, integer(2)] = 16
+    # the 256 most frequent of the tiny suite's 4096: the pool its mix repeats
+    frequent_fraction: Annotated[float, fraction("[0, 1]")] = 0.0625
+    min_words: Annotated[int, positive_int()] = 4
+    strict: Annotated[bool, boolean()] = False
+    seed: Annotated[int, integer(0)] = 0
 
 
 @dataclasses.dataclass
