@@ -60,7 +60,7 @@ from crosslib.config import (Check, Config, ParameterError, choice, integer, is_
                              require, require_choice)
 from crosslib.crosscoder import Crosscoder
 from crosslib.hooks import capture, parse_hook, replace_hook, validate_hook
-from crosslib.tasks import SnapshotModels, Task, check_task_fits, model_steps, task_metric, turn_on_step
+from crosslib.tasks import SnapshotModels, Task, check_task_fits, model_device, model_steps, task_metric, turn_on_step
 
 SCORES: tuple[str, ...] = ("attribution", "integrated_gradients")
 ENCODE_ROWS = 1024  # token rows per dictionary.encode call (bounds the [rows, snapshot, feature] buffer)
@@ -202,10 +202,6 @@ class Splice:
             return model(input_ids=input_ids).logits
 
 
-def _device_of(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def snapshot_activations(models: Sequence[Any], hook: str, input_ids: Int[Tensor, "prompt position"], *,
                          batch_size: int = 32) -> Float[Tensor, "prompt position snapshot d_model"]:
@@ -215,7 +211,7 @@ def snapshot_activations(models: Sequence[Any], hook: str, input_ids: Int[Tensor
     per_snapshot = []
     for model in models:
         validate_hook(hook, model)
-        device = _device_of(model)
+        device = model_device(model)
         chunks = [capture(model, hook, input_ids[i: i + batch_size].to(device)).cpu()
                   for i in range(0, input_ids.shape[0], batch_size)]
         per_snapshot.append(torch.cat(chunks))
@@ -226,7 +222,7 @@ def spliced_metric(splice: Splice, model: Any, task: Task, state: SpliceState, *
                    batch_size: int = 32, backward: bool = False) -> float:
     """The task metric with the dictionary spliced in with `state`; ``backward=True`` also accumulates
     the metric's gradient into the `.grad` of state's tensors that require it."""
-    ids = task.input_ids(corrupted).to(_device_of(model))
+    ids = task.input_ids(corrupted).to(model_device(model))
     leaves = [t for t in (state.features, state.error) if t.requires_grad]
     require(not backward or len(leaves) > 0, "backward", backward,
             "False, or True with state.features or state.error requiring grad")

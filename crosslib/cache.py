@@ -64,7 +64,7 @@ from crosslib.artifacts import (
 from crosslib.config import (Check, Config, Convert, ParameterError, choice, fraction, is_int, lists_as_tuples,
                              positive_int, require, require_choice)
 from crosslib.hooks import HookPoint, capture, parse_hook, validate_hook
-from crosslib.sources import row_bounds, snapshot_positions
+from crosslib.sources import SPLITS, row_bounds, snapshot_positions
 
 KIND = "activations"
 FORMAT = "crosslib-activations-v1"
@@ -77,7 +77,6 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "float32": (torch.float32, np.dtype("<f4")),
 }
 COMPUTE_DTYPES = ("float32", "bfloat16")
-SPLITS = ("train", "eval", "all")
 
 
 class CacheError(ArtifactError):

@@ -574,7 +574,8 @@ def check_task_fits(task: Task, model: Any) -> None:
                 f"prompts of at most {context} tokens (this model's context); they have {task.clean.shape[1]}")
 
 
-def _device_of(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """The device a torch model's weights are on."""
     return next(model.parameters()).device
 
 
@@ -583,7 +584,7 @@ def task_metric(model: Any, task: Task, *, corrupted: bool = False, batch_size: 
     """The task's metric for `model` on the clean (or corrupted) prompts."""
     check_task_fits(task, model)
     require(isinstance(batch_size, int) and batch_size > 0, "batch_size", batch_size, "a positive integer")
-    ids = task.input_ids(corrupted).to(_device_of(model))
+    ids = task.input_ids(corrupted).to(model_device(model))
     total = 0.0
     for start in range(0, task.n_prompts, batch_size):
         chunk = slice(start, start + batch_size)
