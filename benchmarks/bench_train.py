@@ -65,8 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crosslib.crosscoder import CrosscoderConfig  # noqa: E402
 from crosslib.kernels import KernelOptions  # noqa: E402
+from crosslib.runtime import configure_process  # noqa: E402
 from crosslib.sources import TensorSource  # noqa: E402
-from crosslib.train import TrainConfig, train_crosscoder, tune_allocator  # noqa: E402
+from crosslib.train import TrainConfig, train_crosscoder  # noqa: E402
 
 D, F, B = 128, 2048, 2048
 TINY_DICT_SIZE = 512  # the tiny preset's dictionaries (its d_model is 128 too)
@@ -209,7 +210,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    tuned = tune_allocator()  # process-wide (glibc mallopt): sae-lens below runs with it too
+    tuned = configure_process()  # process-wide (glibc mallopt): sae-lens below runs with it too
     sae_steps = 8 if args.quick else 30
     timed, warm = (10, 40) if args.quick else (40, 160)  # ours: steps clocked after the SAE has settled
     cc_timed, cc_warm = (4, 4) if args.quick else (12, 12)  # crosscoders, dense products: L0 does not matter

@@ -5,7 +5,9 @@
 
 A subcommand is registered in `SUBCOMMANDS` as (module, help); the module provides
 `add_arguments(parser)` and `run_from_args(args) -> int`. Modules are imported only when their
-subcommand runs, so `crosslib --help` stays fast.
+subcommand runs, so `crosslib --help` stays fast. As the program's entry point, `main` makes the
+process-wide settings (`crosslib.runtime.configure_process`) before a subcommand runs: library calls
+never do, and the notebook kernels `crosslib book` starts inherit them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import argparse
 import importlib
 import sys
 from typing import Sequence
+
+from crosslib.runtime import configure_process
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "book": ("crosslib.book", "execute the chapter notebooks (papermill) and build the HTML book"),
@@ -32,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv)  # prints help or the error for an unknown command
         parser.print_help()
         return 2
+    configure_process()
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     sub_parser = argparse.ArgumentParser(prog=f"crosslib {argv[0]}", description=SUBCOMMANDS[argv[0]][1])
     module.add_arguments(sub_parser)

@@ -70,7 +70,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import safetensors.torch
 import torch
@@ -80,8 +80,8 @@ from torch import Tensor, nn
 
 from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_json, read_json_object,
                                 sha256_bytes)
-from crosslib.config import (Check, Config, ParameterError, boolean, choice, is_int, is_number, positive,
-                             positive_int, require, require_positive)
+from crosslib.config import Config, ParameterError, require, require_choice, require_positive
+from crosslib.distributed import SINGLE_PROCESS, ShardingContext
 from crosslib.kernels import (Encode, JumpReLU, JumpReLUTanh, KernelOptions, SparsePlan, SquaredError,
                              sparse_decode)
 
@@ -97,25 +97,36 @@ PLACEHOLDER_DECODER_NORM = 0.1  # used at construction when decoder_init_norm="s
 class CrosscoderConfig(Config):
     """Shape and functional form of a crosscoder (paper defaults)."""
 
-    n_snapshots: Annotated[int, positive_int()]
-    d_model: Annotated[int, positive_int()]
-    dict_size: Annotated[int, positive_int()]
-    activation: Annotated[str, choice(*ACTIVATIONS)] = "jumprelu"
+    n_snapshots: int
+    d_model: int
+    dict_size: int
+    activation: str = "jumprelu"  # "jumprelu" | "relu" | "topk"
     k: int = 32  # active features per token, topk only
-    sparsity: Annotated[str, choice(*SPARSITIES)] = "tanh-quad"
-    tanh_scale: Annotated[float, positive()] = 4.0  # c in tanh(c · f‖W_D‖)
-    quad_scale: Annotated[float, positive()] = 0.01  # s in p̂(1 + p̂/s)
-    bandwidth: Annotated[float, positive()] = 4.0  # ε, the STE rectangle window, in units of h‖W_D‖
-    threshold_init: Annotated[float, positive()] = 0.1  # e^t at initialisation
-    # per-snapshot decoder norm at init, or "search" (grid, min MSE)
-    decoder_init_norm: Annotated[float | str, Check(lambda norm: norm == "search" or is_number(norm) and norm > 0,
-                                                    'a positive number or "search"')] = "search"
-    independent: Annotated[bool, boolean()] = False  # one dictionary per snapshot (S SAEs in one pass)
+    sparsity: str = "tanh-quad"  # "tanh-quad" | "l1"
+    tanh_scale: float = 4.0  # c in tanh(c · f‖W_D‖)
+    quad_scale: float = 0.01  # s in p̂(1 + p̂/s)
+    bandwidth: float = 4.0  # ε, the STE rectangle window, in units of h‖W_D‖
+    threshold_init: float = 0.1  # e^t at initialisation
+    decoder_init_norm: float | str = "search"  # per-snapshot decoder norm at init, or "search" (grid, min MSE)
+    independent: bool = False  # one dictionary per snapshot (S SAEs in one pass)
 
     def validate(self) -> None:
+        for name in ("n_snapshots", "d_model", "dict_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+                    "a positive integer")
+        require_choice("activation", self.activation, ACTIVATIONS)
+        require_choice("sparsity", self.sparsity, SPARSITIES)
         if self.activation == "topk":
-            require(is_int(self.k) and 1 <= self.k <= self.dict_size, "k", self.k,
+            require(isinstance(self.k, int) and 1 <= self.k <= self.dict_size, "k", self.k,
                     f"an integer in 1..dict_size={self.dict_size}")
+        for name in ("tanh_scale", "quad_scale", "bandwidth", "threshold_init"):
+            require_positive(name, getattr(self, name))
+        norm = self.decoder_init_norm
+        require(norm == "search" or (isinstance(norm, (int, float)) and not isinstance(norm, bool)
+                                     and math.isfinite(norm) and norm > 0),
+                "decoder_init_norm", norm, 'a positive number or "search"')
+        require(isinstance(self.independent, bool), "independent", self.independent, "True or False")
 
     @property
     def n_dictionaries(self) -> int:
@@ -193,13 +204,13 @@ class Crosscoder(nn.Module):
     def decoder_norms(self) -> Float[Tensor, "snapshot feature"]:
         return self.W_D.norm(dim=-1)
 
-    def pre_activation(self, x: Float[Tensor, "batch snapshot d_model"], *, parallel: Any = None
-                       ) -> Float[Tensor, "dictionary feature batch"]:
+    def pre_activation(self, x: Float[Tensor, "batch snapshot d_model"], *,
+                       parallel: ShardingContext = SINGLE_PROCESS) -> Float[Tensor, "dictionary feature batch"]:
         """h = Σ_θ W_E^θ x̃^θ + b_E [dictionary, feature, batch]."""
         h = self.encoder_sum(x, parallel=parallel)
         return h + self.b_E.view(h.shape[0], -1, 1).to(h.dtype)  # keep h in the matmul's dtype (bf16 under autocast)
 
-    def encoder_sum(self, x: Float[Tensor, "batch snapshot d_model"], *, parallel: Any = None,
+    def encoder_sum(self, x: Float[Tensor, "batch snapshot d_model"], *, parallel: ShardingContext = SINGLE_PROCESS,
                     plan: SparsePlan | None = None) -> Float[Tensor, "dictionary feature batch"]:
         """Σ_θ W_E^θ x̃^θ (no bias): one [feature, S·d] @ [S·d, batch] matmul per dictionary (batch-last).
 
@@ -208,9 +219,10 @@ class Crosscoder(nn.Module):
         x_grouped = rearrange(x, "batch (dictionary snapshot) d_model -> dictionary (snapshot d_model) batch", dictionary=G)
         W_E = rearrange(self.W_E, "(dictionary snapshot) d_model feature -> dictionary feature (snapshot d_model)", dictionary=G)
         if plan is not None:
-            return Encode.apply(W_E, x_grouped, plan)
-        h = einsum(W_E, x_grouped, "dictionary feature input, dictionary input batch -> dictionary feature batch")
-        return h if parallel is None else parallel.sum_over_heads(h)  # other processes hold other snapshots' terms
+            h = Encode.apply(W_E, x_grouped, plan)
+        else:
+            h = einsum(W_E, x_grouped, "dictionary feature input, dictionary input batch -> dictionary feature batch")
+        return parallel.sum_over_heads(h)  # other processes may hold other snapshots' terms
 
     def activate(self, h: Float[Tensor, "dictionary feature batch"], norms: Float[Tensor, "snapshot feature"],
                  *, add_bias: bool = False, plan: SparsePlan | None = None
@@ -261,19 +273,21 @@ class Crosscoder(nn.Module):
         return n_snapshots * p.sum()  # Σ_θ mean_batch Σ_i f_i^θ ‖W_D,i^θ‖ (Anthropic's penalty)
 
     def forward(self, x: Float[Tensor, "batch snapshot d_model"], *, sparsity_coefficient: float = 1.0,
-                parallel: Any = None) -> CrosscoderOutput:
+                parallel: ShardingContext = SINGLE_PROCESS) -> CrosscoderOutput:
         """Reconstruct `x` (already normalised) and compute the loss.
 
-        `parallel` (see crosslib.distributed.ShardContext) makes this process compute its share of
-        a model sharded over snapshots and/or data; the shares' losses sum to the full loss.
+        `parallel` (a crosslib.distributed.ShardingContext; one process by default) makes this process
+        compute its share of a model sharded over snapshots and/or data; the shares' losses sum to the
+        full loss.
         """
         self._check_input(x)
         cfg = self.config
-        rows = x.shape[0] if parallel is None else parallel.global_rows(x.shape[0])
-        snapshots = cfg.snapshots_per_dictionary if parallel is None else parallel.snapshots_per_dictionary
+        rows = parallel.global_rows(x.shape[0])
+        snapshots = parallel.snapshots_per_dictionary(cfg)
 
         # sparse products (training on CPU, one process): decided once f is known, see crosslib.kernels
-        plan = SparsePlan.for_step(self.kernels, x, cfg.snapshots_per_dictionary == 1, parallel, self.training)
+        plan = SparsePlan.for_step(self.kernels, x, cfg.snapshots_per_dictionary == 1, parallel.is_sharded,
+                                   self.training)
         h = self.encoder_sum(x, parallel=parallel, plan=plan)  # Σ_θ W_E^θ x̃^θ; b_E is added inside activate()
         norms = self.decoder_norms()
         f, phi_sum, active = self.activate(h, norms, add_bias=True, plan=plan)  # the fused gate may fill the plan
@@ -288,11 +302,10 @@ class Crosscoder(nn.Module):
         # the paper's objective (tanh-quad, and topk) averages the squared error over the batch and the
         # snapshots, like the authors' library; Anthropic's l1 objective sums it over snapshots
         reconstruction_loss = error.sum() / (rows if cfg.sparsity == "l1" else rows * snapshots)
-        if parallel is not None:
-            phi_sum = parallel.sum_penalty_statistic(phi_sum)  # p̂ averages over every process's rows and snapshots
+        phi_sum = parallel.sum_penalty_statistic(phi_sum)  # p̂ averages over every process's rows and snapshots
         sparsity_loss = self.sparsity_penalty(phi_sum, rows, snapshots)
-        share = 1 if parallel is None else parallel.penalty_replicas  # each process holds 1/share of the penalty
-        loss = reconstruction_loss + sparsity_coefficient * sparsity_loss / share
+        # each of the penalty_replicas processes that compute the same penalty holds 1/penalty_replicas of it
+        loss = reconstruction_loss + sparsity_coefficient * sparsity_loss / parallel.penalty_replicas
         return CrosscoderOutput(
             reconstruction=rearrange(x_hat, "snapshot d_model batch -> batch snapshot d_model"),
             features=rearrange(f, "snapshot feature batch -> batch snapshot feature"),

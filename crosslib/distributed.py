@@ -24,6 +24,11 @@ Backends: gloo on CPU, NCCL on GPUs (chosen automatically). Run with
 
 Checkpoints and the final model are gathered to rank 0 and saved in the single-process format,
 so a run can be resumed with another number of processes, and loaded without torch.distributed.
+
+The model and the trainer see a run's distribution through one interface, `ShardingContext` (a
+typing.Protocol): `ShardContext` implements it for a sharded run, `SingleProcess` (the default
+everywhere, `SINGLE_PROCESS`) for one process, with every hook the identity or a no-op. So
+`Crosscoder.forward` and `crosslib.train` have no single-process special cases.
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from crosslib.config import ParameterError, require
-from crosslib.crosscoder import Crosscoder, CrosscoderConfig
+from crosslib.sources import source_fingerprint
+
+if TYPE_CHECKING:  # crosslib.crosscoder imports this module (the model's forward takes a ShardingContext)
+    from crosslib.crosscoder import Crosscoder, CrosscoderConfig
 
 
 def split_evenly(n: int, parts: int) -> list[list[int]]:
@@ -86,9 +94,187 @@ def init_distributed(backend: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+@runtime_checkable
+class ShardingContext(Protocol):
+    """How a run is distributed over processes: the hooks `Crosscoder.forward` and `crosslib.train` call.
+
+    Every tensor hook returns its input when the run is one process (`SingleProcess`); `ShardContext`
+    reduces, gathers or splits over the head and data process groups (this module's docstring)."""
+
+    # ---- read by Crosscoder.forward
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the model or the batch is split over processes (the sparse products need one process)."""
+        ...
+
+    @property
+    def penalty_replicas(self) -> int:
+        """How many processes compute the same penalty term (each adds 1/replicas of it)."""
+        ...
+
+    def global_rows(self, local_rows: int) -> int:
+        """The batch's rows over all processes, from this process's."""
+        ...
+
+    def snapshots_per_dictionary(self, local: CrosscoderConfig) -> int:
+        """The snapshots one dictionary spans in the full model (`local`: this process's model config)."""
+        ...
+
+    def sum_over_heads(self, h: Tensor) -> Tensor:
+        """The encoder's sum over snapshots, adding the terms of the snapshots other processes hold."""
+        ...
+
+    def sum_penalty_statistic(self, phi_sum: Tensor) -> Tensor:
+        """The penalty's per-feature sums over every process's rows and snapshots."""
+        ...
+
+    # ---- read by the trainer
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the files and shows the progress bar."""
+        ...
+
+    def source_snapshots(self, source: Any) -> int:
+        """The full source's number of snapshots (`source` may hold this process's share only)."""
+        ...
+
+    def identify_source(self, source: Any) -> str | None:
+        """The full source's fingerprint (None when it has none), which checkpoints are tied to."""
+        ...
+
+    def local_config(self, config: CrosscoderConfig) -> CrosscoderConfig:
+        """The config of this process's share of a model with `config`."""
+        ...
+
+    def shard_model(self, model: Crosscoder) -> Crosscoder:
+        """This process's share of a full model."""
+        ...
+
+    def shard_state(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This process's share of a full checkpoint's model.* and optim.* tensors."""
+        ...
+
+    def shard_window(self, key: str, full: Tensor, local: Tensor) -> Tensor:
+        """This process's part of a checkpoint's metric-window sum `key` (inverse of reduce_metric_window)."""
+        ...
+
+    def local_rows(self, x: Tensor) -> Tensor:
+        """This process's rows of a batch [row, snapshot, d_model]."""
+        ...
+
+    def sync_gradients(self, model: Crosscoder) -> None:
+        """Sum the gradients that several processes hold parts of (after backward)."""
+        ...
+
+    def sum_scalar(self, t: Tensor, over: str = "all") -> Tensor:
+        """A 0-d tensor summed over the processes `over` ("all", "heads" or "data")."""
+        ...
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether `ok` holds in every process."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+        ...
+
+    def reduce_metric_window(self, window: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The trainer's metric-window sums over every process (every snapshot's, every row's)."""
+        ...
+
+    def gather_snapshot_metrics(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-snapshot sums of this process's snapshots → [n_snapshots, ...] over the full model."""
+        ...
+
+    def gather_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This process's checkpoint tensors → the full model's (collective: every process calls it)."""
+        ...
+
+    def gather_model(self, model: Crosscoder) -> Crosscoder:
+        """The full model from every process's share (collective)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleProcess:
+    """The `ShardingContext` of a run in one process: the model and every batch are whole, so each
+    reduction, gather and split is the identity and each synchronisation does nothing."""
+
+    is_sharded = False
+    is_main = True
+    penalty_replicas = 1
+
+    def global_rows(self, local_rows: int) -> int:
+        return local_rows
+
+    def snapshots_per_dictionary(self, local: CrosscoderConfig) -> int:
+        return local.snapshots_per_dictionary
+
+    def sum_over_heads(self, h: Tensor) -> Tensor:
+        return h
+
+    def sum_penalty_statistic(self, phi_sum: Tensor) -> Tensor:
+        return phi_sum
+
+    def source_snapshots(self, source: Any) -> int:
+        return source.n_snapshots
+
+    def identify_source(self, source: Any) -> str | None:
+        return _fingerprint_or_none(source)
+
+    def local_config(self, config: CrosscoderConfig) -> CrosscoderConfig:
+        return config
+
+    def shard_model(self, model: Crosscoder) -> Crosscoder:
+        return model
+
+    def shard_state(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
+        return full
+
+    def shard_window(self, key: str, full: Tensor, local: Tensor) -> Tensor:
+        return full
+
+    def local_rows(self, x: Tensor) -> Tensor:
+        return x
+
+    def sync_gradients(self, model: Crosscoder) -> None:
+        pass
+
+    def sum_scalar(self, t: Tensor, over: str = "all") -> Tensor:
+        return t
+
+    def all_ok(self, ok: bool) -> bool:
+        return ok
+
+    def barrier(self) -> None:
+        pass
+
+    def reduce_metric_window(self, window: dict[str, Tensor]) -> dict[str, Tensor]:
+        return window
+
+    def gather_snapshot_metrics(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        return sums
+
+    def gather_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        return state
+
+    def gather_model(self, model: Crosscoder) -> Crosscoder:
+        return model
+
+
+def _fingerprint_or_none(source: Any) -> str | None:
+    try:
+        return source_fingerprint(source)
+    except ParameterError:  # a source without a fingerprint: its checkpoints are tied to the configs only
+        return None
+
+
+SINGLE_PROCESS = SingleProcess()  # the default context of the model's forward pass and of the trainer
+
+
 @dataclasses.dataclass
 class ShardContext:
-    """This process's place in a sharded run; the hooks the crosscoder and trainer call."""
+    """This process's place in a sharded run: the `ShardingContext` whose hooks reduce over processes."""
 
     config: CrosscoderConfig  # the full model
     n_heads: int
@@ -146,9 +332,20 @@ class ShardContext:
     def n_snapshots_total(self) -> int:
         return self.config.n_snapshots
 
-    @property
-    def snapshots_per_dictionary(self) -> int:
+    def snapshots_per_dictionary(self, local: CrosscoderConfig | None = None) -> int:
         return 1 if self.config.independent else self.config.n_snapshots
+
+    is_sharded = True  # even with one process: the hooks go through torch.distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def source_snapshots(self, source: Any) -> int:
+        return self.n_snapshots_total  # `source` is this rank's selection of the snapshots
+
+    def identify_source(self, source: Any) -> str | None:
+        return self.source_id
 
     @property
     def penalty_replicas(self) -> int:
@@ -304,8 +501,7 @@ class ShardContext:
 
     def gather_model(self, model: Crosscoder, config: CrosscoderConfig | None = None) -> Crosscoder:
         state = self.gather_state({f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()})
-        full = Crosscoder.from_state(self.config, {k[6:]: v for k, v in state.items()}, kernels=model.kernels)
-        return full
+        return type(model).from_state(self.config, {k[6:]: v for k, v in state.items()}, kernels=model.kernels)
 
 
 def _tail_shape(name: str, config: CrosscoderConfig) -> tuple[int, ...]:
@@ -348,14 +544,10 @@ def _load_source(path: str) -> Any:
 def train_sharded(source: Any, model_config: CrosscoderConfig, train_config: Any, out_dir: str | None,
                   *, n_heads: int | None = None, device: Any = None, progress: bool = True, stop_after: int | None = None):
     """Train under an initialised process group; every rank calls this with the full source."""
-    from crosslib.sources import source_fingerprint
     from crosslib.train import train_crosscoder
 
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        source_id = source_fingerprint(source)
-    except ParameterError:
-        source_id = None
+    source_id = _fingerprint_or_none(source)
     if source.n_snapshots != model_config.n_snapshots:
         raise ParameterError(f"n_snapshots={model_config.n_snapshots} (model) does not match the source's "
                              f"{source.n_snapshots} snapshots")
@@ -366,6 +558,8 @@ def train_sharded(source: Any, model_config: CrosscoderConfig, train_config: Any
 
 
 def main(argv: list[str] | None = None) -> int:
+    from crosslib.crosscoder import CrosscoderConfig
+    from crosslib.runtime import configure_process
     from crosslib.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m crosslib.distributed",
@@ -380,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     device = init_distributed(args.backend)
+    if device.type == "cpu":
+        configure_process()  # an entry point: the process-wide allocator settings CPU training wants
     try:
         source = _load_source(args.source)
         model_fields = {"n_snapshots": source.n_snapshots, "d_model": source.d_model, **json.loads(args.model)}

@@ -159,6 +159,7 @@ _COMPILED: dict[str, Any] = {}
 # the same code on AVX2, AVX-512 and AMX machines; tests/test_kernels.py runs every kernel against the
 # eager one over many shapes, in a process that aborts on heap corruption.
 COMPILE_SIMD_BITS = 256
+COMPILE_RECOMPILE_LIMIT = 64  # compiled shapes per kernel before dynamo falls back to eager (see _kernel)
 _COMPILE_FAILED: list[str] = []
 EAGER_CHUNK_ELEMENTS = 1 << 22  # eager kernels run over feature chunks of at most this many elements
 
@@ -182,9 +183,13 @@ def _kernel(name: str, compiled: bool):
         return eager
     if name not in _COMPILED:
         # one specialised compilation per shape: a notebook that trains SAEs and crosscoders of several
-        # sizes in one process needs more than dynamo's default 8 before it falls back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        _COMPILED[name] = torch.compile(eager, dynamic=False, options={"cpp.simdlen": COMPILE_SIMD_BITS})
+        # sizes in one process needs more than dynamo's default 8. Past the limit dynamo runs the kernel
+        # eagerly, which rounds differently: a dictionary's weights would depend on what the process
+        # compiled before. So these kernels get their own limit (this compile call's, not the
+        # process-wide torch._dynamo.config, which is left as it is).
+        _COMPILED[name] = torch.compile(eager, dynamic=False, options={"cpp.simdlen": COMPILE_SIMD_BITS},
+                                        recompile_limit=max(torch._dynamo.config.recompile_limit,
+                                                            COMPILE_RECOMPILE_LIMIT))
     return _COMPILED[name]
 
 
@@ -435,11 +440,12 @@ class SparsePlan:
         self.grad_h_values: Tensor | None = None  # ∂L/∂h at pattern.flat, when the gate's backward computed them
 
     @classmethod
-    def for_step(cls, options: KernelOptions, x: Tensor, encoder_sparse: bool, parallel: Any, training: bool
+    def for_step(cls, options: KernelOptions, x: Tensor, encoder_sparse: bool, sharded: bool, training: bool
                  ) -> "SparsePlan | None":
         """A plan when this forward pass may take the sparse products: a training step (gradients on, x data
-        without a gradient) on CPU in one process, with `options.sparse` not False; None otherwise."""
-        if (options.sparse is False or not training or not torch.is_grad_enabled() or parallel is not None
+        without a gradient) on CPU in one process (not `sharded`), with `options.sparse` not False; None
+        otherwise."""
+        if (options.sparse is False or not training or not torch.is_grad_enabled() or sharded
                 or x.device.type != "cpu" or x.requires_grad):
             return None
         return cls(encoder_sparse, always=options.sparse is True)

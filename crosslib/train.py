@@ -43,12 +43,10 @@ to an uninterrupted one (on the same machine and thread count).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,6 +60,7 @@ from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_
                                 sha256_bytes)
 from crosslib.config import Config, ParameterError, require, require_fraction, require_positive
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig, model_fingerprint
+from crosslib.distributed import SINGLE_PROCESS, ShardingContext
 from crosslib.kernels import KernelOptions
 from crosslib.sources import source_fingerprint
 
@@ -191,8 +190,8 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------- helpers
 
-def _check_compatible(source: Any, config: CrosscoderConfig, parallel: Any = None) -> None:
-    s_source = parallel.n_snapshots_total if parallel is not None else source.n_snapshots
+def _check_compatible(source: Any, config: CrosscoderConfig, parallel: ShardingContext = SINGLE_PROCESS) -> None:
+    s_source = parallel.source_snapshots(source)
     if s_source != config.n_snapshots:
         raise ParameterError(f"n_snapshots={config.n_snapshots} (model) does not match the source's "
                              f"{s_source} snapshots (steps {getattr(source, 'steps', '?')}): make them equal")
@@ -224,19 +223,20 @@ def _eager(model: Crosscoder):
 
 
 @torch.no_grad()
-def search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...], parallel: Any = None
-                        ) -> dict[str, Any]:
+def search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...],
+                        parallel: ShardingContext = SINGLE_PROCESS) -> dict[str, Any]:
     """Set the decoder norm (shared by all features and snapshots) to the grid value of least MSE on `x`."""
     with _eager(model):
         return _search_decoder_norm(model, x, grid, parallel)
 
 
-def _search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...], parallel: Any) -> dict[str, Any]:
+def _search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...], parallel: ShardingContext
+                         ) -> dict[str, Any]:
     mse: dict[str, float] = {}
     for norm in grid:
         model.set_decoder_norm(float(norm))
         loss = model(x, sparsity_coefficient=0.0, parallel=parallel).reconstruction_loss
-        mse[repr(float(norm))] = float(parallel.sum_scalar(loss, over="all") if parallel is not None else loss)
+        mse[repr(float(norm))] = float(parallel.sum_scalar(loss, over="all"))
     best = min(grid, key=lambda v: mse[repr(float(v))])
     model.set_decoder_norm(float(best))
     return {"decoder_norm": float(best), "mse": mse}
@@ -271,11 +271,9 @@ class MetricWindow:
         t["active"] += out.active.sum(1).double()
         t["fired"] += (out.active > 0).double()
 
-    def summary(self, parallel: Any = None) -> dict[str, Any]:
+    def summary(self, parallel: ShardingContext = SINGLE_PROCESS) -> dict[str, Any]:
         """Means over the window (reduced over processes when sharded)."""
-        t = dict(self.tensors)
-        if parallel is not None:
-            t = parallel.reduce_metric_window(t)
+        t = parallel.reduce_metric_window(dict(self.tensors))
         steps, rows = float(t["steps"]), float(t["rows"])
         ev = 1 - t["squared_error"] / t["variance"].clamp_min(1e-30)
         return {
@@ -290,7 +288,7 @@ class MetricWindow:
 
 @torch.no_grad()
 def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int | None = None, batch_size: int = 4096,
-             parallel: Any = None, device: Any = None, bf16: bool = False) -> dict[str, Any]:
+             parallel: ShardingContext = SINGLE_PROCESS, device: Any = None, bf16: bool = False) -> dict[str, Any]:
     """Per-snapshot explained variance 1 − Σ‖x̂−x‖²/Σ‖x−x̄‖², L0 and dead fraction on a split's rows, and
     `firing_counts` [snapshot, feature]: on how many of those rows each feature fires at each snapshot
     (the evidence that a feature exists there; its decoder norm alone is not: see emergence.firing_norms)."""
@@ -312,9 +310,8 @@ def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int 
         sums["active"] += out.active.sum(1).double().cpu()
         sums["fired"] += out.active.double().cpu()  # rows on which each (snapshot, feature) fires
     rows = x_all.shape[0]
-    if parallel is not None:
-        sums = parallel.gather_snapshot_metrics(sums)
-        variance = parallel.gather_snapshot_metrics({"v": variance})["v"]
+    sums = parallel.gather_snapshot_metrics(sums)
+    variance = parallel.gather_snapshot_metrics({"v": variance})["v"]
     ev = 1 - sums["squared_error"] / variance.clamp_min(1e-30)
     return {
         "rows": rows, "split": split,
@@ -325,31 +322,6 @@ def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int 
         "dead_fraction_all": round(float((sums["fired"].sum(0) == 0).double().mean()), 6),
         FIRING_COUNTS: sums["fired"].to(torch.int64),  # [snapshot, feature]; saved as its own file, not in JSON
     }
-
-
-_ALLOCATOR_TUNED: list[bool] = []
-
-
-def tune_allocator() -> bool:
-    """Keep large freed blocks in glibc's heap instead of returning them to the OS (Linux, once per process).
-
-    By default glibc serves every block above a dynamic threshold (≤ 32 MB) with a fresh mmap and
-    unmaps it when freed, so each training step's big temporaries ([snapshot, feature, batch] of
-    ~10^8 bytes) are page-faulted in anew: on a 2-core machine that doubled the time of the fused
-    gate kernels. Raising M_MMAP_THRESHOLD and M_TRIM_THRESHOLD keeps that memory mapped for reuse
-    (the process keeps its peak memory). Set CROSSLIB_MALLOC_TUNING=0 to leave malloc alone.
-    """
-    if _ALLOCATOR_TUNED or sys.platform != "linux" or os.environ.get("CROSSLIB_MALLOC_TUNING") == "0":
-        return bool(_ALLOCATOR_TUNED and _ALLOCATOR_TUNED[0])
-    ok = False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        pass
-    _ALLOCATOR_TUNED.append(ok)
-    return ok
 
 
 def _autocast(device: Any, enabled: bool):
@@ -396,9 +368,11 @@ def load_optimizer_tensors(model: Crosscoder, optimizer: torch.optim.Adam, tenso
 
 # ----------------------------------------------------------------------------------- checkpoints
 
-def _run_identity(model_config: CrosscoderConfig, train_config: TrainConfig, source_id: str | None,
-                  init_id: str | None) -> dict[str, Any]:
-    return {"model": model_config.to_dict(), "train": train_config.to_dict(), "source": source_id, "init": init_id}
+def _run_identity(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, init: Crosscoder | None,
+                  parallel: ShardingContext) -> dict[str, Any]:
+    """What a run's checkpoints and finished files record, and a resumed run must match: configs, data, start."""
+    return {"model": model_config.to_dict(), "train": train_config.to_dict(), "source": parallel.identify_source(source),
+            "init": model_fingerprint(init) if init is not None else None}
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Tensor], info: dict[str, Any]) -> None:
@@ -442,135 +416,185 @@ def train_crosscoder(
     device: Any = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
-    parallel: Any = None,
+    parallel: ShardingContext = SINGLE_PROCESS,
     kernels: KernelOptions = KernelOptions(),
 ) -> TrainResult:
     """Train a crosscoder (an SAE when n_snapshots = 1) on `source`; resume from `out_dir` if it holds a checkpoint.
 
     `init`: start from these weights (e.g. SAE-Track's previous SAE) instead of the paper's
     initialisation. `stop_after`: stop (with a checkpoint) after that many steps in total, as if
-    killed; calling again resumes. `parallel`: a `crosslib.distributed.ShardContext` when this is
-    one process of a sharded run (the source then yields this process's snapshots). `kernels`: the
-    fused and sparse kernel choices (every choice trains the same model, to rounding); whether they
-    compile is `train_config.compile`'s to decide.
+    killed; calling again resumes. `parallel`: this process's `crosslib.distributed.ShardingContext`
+    (a `ShardContext` when this is one process of a sharded run, whose source then yields this
+    process's snapshots; one process by default). `kernels`: the fused and sparse kernel choices
+    (every choice trains the same model, to rounding); whether they compile is `train_config.compile`'s
+    to decide.
+
+    The steps: `_build` the model, optimizer and metric window from the configs; `_resume_or_init` them
+    from out_dir's checkpoint or the paper's initialisation; `_train_loop`; `_finalise` (evaluation,
+    firing counts, the artifact's files). Changes no process-wide setting (see crosslib.runtime).
     """
     train_config = train_config or TrainConfig()
+    _check_arguments(source, model_config, train_config, init=init, parallel=parallel, kernels=kernels)
+    identity = _run_identity(source, model_config, train_config, init, parallel)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / METRICS_FILE).is_file():  # already finished here
+        return _finished_result(out, identity)
+
+    run = _build(source, model_config, train_config, out, identity, init=init, device=device, parallel=parallel,
+                 kernels=kernels)
+    _resume_or_init(run, from_weights=init is not None)
+    speed = _train_loop(run, progress=progress, stop_after=stop_after)
+    return _finalise(run, speed, stopped_early=stop_after is not None and stop_after < train_config.total_steps)
+
+
+@dataclasses.dataclass
+class _TrainingRun:
+    """One call of `train_crosscoder`: what it trains on and with, and the state its steps share."""
+
+    source: Any
+    model_config: CrosscoderConfig  # the full model's
+    train_config: TrainConfig
+    out: Path | None  # the run's directory (checkpoints, then the artifact's files); None: nothing is written
+    identity: dict[str, Any]  # what a checkpoint or finished run in `out` must have been trained with
+    parallel: ShardingContext
+    device: Any
+    model: Crosscoder  # this process's share
+    optimizer: torch.optim.Adam
+    window: MetricWindow  # the metrics' running sums since the last log
+    init_info: dict[str, Any]  # the decoder-norm search's record (TrainResult.init)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    start: int = 0  # the first step this call runs
+    last_checkpoint: int | None = None  # the step of the newest checkpoint in `out`
+
+    def checkpoint(self, step: int) -> None:
+        """Save the state after `step` steps (collective: every process gathers, the main one writes)."""
+        state = {f"model.{k}": v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state.update(optimizer_tensors(self.model, self.optimizer))
+        state.update({f"window.{k}": v.cpu() for k, v in self.window.tensors.items()})
+        state = self.parallel.gather_state(state)
+        if self.parallel.is_main and self.out is not None:
+            save_checkpoint(self.out, step, state, {"identity": self.identity, "history": self.history,
+                                                    "init": self.init_info})
+        self.parallel.barrier()
+        self.last_checkpoint = step
+
+
+def _check_arguments(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, *,
+                     init: Crosscoder | None, parallel: ShardingContext, kernels: KernelOptions) -> None:
+    """Refuse arguments of the wrong kind or shape, naming the parameter, before anything is built."""
     if not isinstance(model_config, CrosscoderConfig):
         raise ParameterError(f"model_config={type(model_config).__name__} is not allowed: a CrosscoderConfig")
     if not isinstance(train_config, TrainConfig):
         raise ParameterError(f"train_config={type(train_config).__name__} is not allowed: a TrainConfig")
     require(isinstance(kernels, KernelOptions), "kernels", kernels, "a crosslib.kernels.KernelOptions")
+    require(isinstance(parallel, ShardingContext), "parallel", parallel, "a crosslib.distributed.ShardingContext")
     _check_compatible(source, model_config, parallel)
-    if torch.device(device).type == "cpu":
-        tune_allocator()
-    is_main = parallel is None or parallel.rank == 0
-    n_steps = train_config.total_steps
-    out = Path(out_dir) if out_dir is not None else None
-    source_id = parallel.source_id if parallel is not None else _try(source_fingerprint, source)
-    init_id = model_fingerprint(init) if init is not None else None
-    identity = _run_identity(model_config, train_config, source_id, init_id)
     if init is not None:
         require(init.config.replace(decoder_init_norm=model_config.decoder_init_norm) == model_config, "init",
                 "a model of another shape", f"a Crosscoder with config {model_config}")
 
-    if out is not None and (out / METRICS_FILE).is_file():  # already finished here
-        if read_json(out / TRAIN_FILE).get("identity") != identity:
-            raise ParameterError(f"out_dir={str(out)!r} holds a finished run of another configuration: use a new out_dir")
-        return load_result(out)
 
-    # ---- the model (this process's shard) and its optimizer
-    local_config = model_config if parallel is None else parallel.local_config(model_config)
+def _finished_result(out: Path, identity: dict[str, Any]) -> TrainResult:
+    """The run finished before in `out`: its result, if it was trained with the same configs and data."""
+    if read_json(out / TRAIN_FILE).get("identity") != identity:
+        raise ParameterError(f"out_dir={str(out)!r} holds a finished run of another configuration: use a new out_dir")
+    return load_result(out)
+
+
+def _build(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, out: Path | None,
+           identity: dict[str, Any], *, init: Crosscoder | None, device: Any, parallel: ShardingContext,
+           kernels: KernelOptions) -> _TrainingRun:
+    """Step 1: this process's share of the model, from `init`'s weights or the paper's initialisation with
+    `train_config.seed`, with the kernels the run trains with, on `device`; its Adam optimizer (the
+    book's Methods page, section Initialisation and optimiser) and an empty metric window."""
+    local_config = parallel.local_config(model_config)
     kernels = train_config.kernel_options(model_config, kernels)
     if init is not None:
-        model = init if parallel is None else parallel.shard_model(init)
-        model = Crosscoder.from_state(local_config, model.state_dict(), kernels=kernels)
-    elif parallel is None:
-        model = Crosscoder(model_config, seed=train_config.seed, kernels=kernels)
+        model = Crosscoder.from_state(local_config, parallel.shard_model(init).state_dict(), kernels=kernels)
     else:
         model = parallel.shard_model(Crosscoder(model_config, seed=train_config.seed, kernels=kernels))
     model = model.to(device)
-    optimizer = _make_optimizer(model, train_config)
-    window = MetricWindow(local_config.n_snapshots, local_config.dict_size, device)
-    history: list[dict[str, Any]] = []
-    init_info: dict[str, Any] = {"decoder_norm": model_config.decoder_init_norm, "mse": {}}
-    start = 0
+    return _TrainingRun(
+        source=source, model_config=model_config, train_config=train_config, out=out, identity=identity,
+        parallel=parallel, device=device, model=model, optimizer=_make_optimizer(model, train_config),
+        window=MetricWindow(local_config.n_snapshots, local_config.dict_size, device),
+        init_info={"decoder_norm": model_config.decoder_init_norm, "mse": {}})
 
-    checkpoint = load_checkpoint(out) if out is not None else None
+
+def _resume_or_init(run: _TrainingRun, *, from_weights: bool) -> None:
+    """Step 2: continue from out_dir's checkpoint (weights, Adam's state, metric window, history and step;
+    it must be this run's), or start at step 0, where a model not `from_weights` with
+    `decoder_init_norm="search"` takes the decoder norm of least reconstruction error on
+    `init_search_rows` rows (`search_decoder_norm`; the book's Methods page, section Initialisation and
+    optimiser)."""
+    checkpoint = load_checkpoint(run.out) if run.out is not None else None
     if checkpoint is not None:
         info, tensors = checkpoint
-        if info.get("identity") != identity:
-            raise ParameterError(f"out_dir={str(out)!r} holds a checkpoint of another run (different configs or "
-                                 "data): use a new out_dir or delete it")
-        if parallel is not None:
-            tensors = parallel.shard_state(tensors, model_config)
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_tensors(model, optimizer, tensors)
-        for k, v in window.tensors.items():
-            v.copy_(tensors[f"window.{k}"] if parallel is None else parallel.shard_window(k, tensors[f"window.{k}"], v))
-        history, init_info, start = info["history"], info["init"], int(info["step"])
-    elif init is None and model_config.decoder_init_norm == "search":
-        x = next(source.batches(train_config.init_search_rows, seed=train_config.seed + 1, device="cpu"))
-        check_finite(x, "the rows for the decoder-norm search", getattr(source, "steps", None))
-        x = parallel.local_rows(x) if parallel is not None else x
-        with _autocast(device, train_config.bf16):
-            init_info = search_decoder_norm(model, x.to(device), train_config.init_norm_grid, parallel)
+        if info.get("identity") != run.identity:
+            raise ParameterError(f"out_dir={str(run.out)!r} holds a checkpoint of another run (different configs "
+                                 "or data): use a new out_dir or delete it")
+        tensors = run.parallel.shard_state(tensors)
+        run.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer_tensors(run.model, run.optimizer, tensors)
+        for k, v in run.window.tensors.items():
+            v.copy_(run.parallel.shard_window(k, tensors[f"window.{k}"], v))
+        run.history, run.init_info, run.start = info["history"], info["init"], int(info["step"])
+        run.last_checkpoint = run.start
+    elif not from_weights and run.model_config.decoder_init_norm == "search":
+        train_config = run.train_config
+        x = next(run.source.batches(train_config.init_search_rows, seed=train_config.seed + 1, device="cpu"))
+        check_finite(x, "the rows for the decoder-norm search", getattr(run.source, "steps", None))
+        x = run.parallel.local_rows(x)
+        with _autocast(run.device, train_config.bf16):
+            run.init_info = search_decoder_norm(run.model, x.to(run.device), train_config.init_norm_grid,
+                                                run.parallel)
 
-    def checkpoint_now(step: int) -> None:
-        state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-        state.update(optimizer_tensors(model, optimizer))
-        state.update({f"window.{k}": v.cpu() for k, v in window.tensors.items()})
-        if parallel is not None:
-            state = parallel.gather_state(state, model_config)
-        if is_main and out is not None:
-            save_checkpoint(out, step, state, {"identity": identity, "history": history, "init": init_info})
-        if parallel is not None:
-            parallel.barrier()
 
-    # ---- the loop
-    steps = getattr(source, "steps", None)
-    batches: Iterator[Tensor] = source.batches(train_config.batch_size, seed=train_config.seed, start_batch=start,
-                                               device="cpu")
-    last_checkpoint = start if checkpoint is not None else None
+def _train_loop(run: _TrainingRun, *, progress: bool, stop_after: int | None) -> dict[str, Any]:
+    """Step 3: steps `run.start` to the last (or to `stop_after`): batch k of the source, lr and λ from the
+    schedule, forward, NaN checks, backward, Adam; a history entry every `log_every` steps and a checkpoint
+    every `checkpoint_every` (and at `stop_after`). Returns this call's wall time, steps and tokens/s."""
+    train_config, model_config, parallel = run.train_config, run.model_config, run.parallel
+    model, optimizer, window = run.model, run.optimizer, run.window
+    n_steps = train_config.total_steps
+    steps = getattr(run.source, "steps", None)
+    batches: Iterator[Tensor] = run.source.batches(train_config.batch_size, seed=train_config.seed,
+                                                   start_batch=run.start, device="cpu")
     kind = (f"{model_config.n_snapshots} SAEs" if model_config.independent else
             "SAE" if model_config.n_snapshots == 1 else f"crosscoder ({model_config.n_snapshots} snapshots)")
-    bar = tqdm(total=n_steps, initial=start, disable=not (progress and is_main), unit="step", dynamic_ncols=True,
+    bar = tqdm(total=n_steps, initial=run.start, disable=not (progress and parallel.is_main), unit="step",
+               dynamic_ncols=True,
                desc=f"{kind}, {model_config.dict_size} features, λ = {train_config.sparsity_coefficient:g}")
     model.train()
     loop_start, steps_run = time.perf_counter(), 0
     try:
-        for step in range(start, n_steps):
+        for step in range(run.start, n_steps):
             if stop_after is not None and step >= stop_after:
                 break
-            x = next(batches)
-            if parallel is not None:
-                x = parallel.local_rows(x)
-            x = x.to(device, non_blocking=True)
+            x = parallel.local_rows(next(batches)).to(run.device, non_blocking=True)
             lr = train_config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_factor"]
             lam = train_config.sparsity_coefficient_at(step)
-            with _autocast(device, train_config.bf16):
+            with _autocast(run.device, train_config.bf16):
                 output = model(x, sparsity_coefficient=lam, parallel=parallel)
-            finite = bool(torch.isfinite(output.total_variance).all())  # NaN/inf in x shows up in its statistics
-            if parallel is not None:
-                finite = parallel.all_ok(finite)
-            if not finite:
+            # NaN/inf in x shows up in its statistics; every process learns whether any process's did
+            if not parallel.all_ok(bool(torch.isfinite(output.total_variance).all())):
                 check_finite(x, f"batch {step} of the source (training step {step})", steps)
-                if parallel is not None:
+                if parallel.is_sharded:  # this process's rows are fine: another's are not
                     raise DataError(f"batch {step} of the source (training step {step}) contains NaN/inf values "
                                     "in another process's snapshots")
-            loss = output.loss.detach() if parallel is None else parallel.sum_scalar(output.loss.detach(), over="all")
-            loss_value = float(loss)
+            loss_value = float(parallel.sum_scalar(output.loss.detach(), over="all"))
             if not math.isfinite(loss_value):
-                where = (f"the last good checkpoint (step {last_checkpoint}) is kept in {out}" if last_checkpoint
-                         is not None and out is not None else "no checkpoint had been written yet")
+                where = (f"the last good checkpoint (step {run.last_checkpoint}) is kept in {run.out}"
+                         if run.last_checkpoint is not None and run.out is not None
+                         else "no checkpoint had been written yet")
                 raise TrainingDiverged(
                     f"the loss became {loss_value} at step {step} (lr={lr:.3g}, λ={lam:.3g}); training stopped and "
-                    f"{where}. Lower lr, or check the activations.", step, last_checkpoint)
+                    f"{where}. Lower lr, or check the activations.", step, run.last_checkpoint)
             optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
-            if parallel is not None:
-                parallel.sync_gradients(model)
+            parallel.sync_gradients(model)
             optimizer.step()
             window.add(output, x)
             done = step + 1
@@ -578,55 +602,53 @@ def train_crosscoder(
             if done % train_config.log_every == 0 or done == n_steps:
                 entry = {"step": done, "tokens": done * train_config.batch_size, "lr": lr, "sparsity_coefficient": lam,
                          **window.summary(parallel)}
-                history.append(entry)
+                run.history.append(entry)
                 window.reset()
-                bar.set_postfix(refresh=False, loss=f"{entry['loss']:.4g}", ev=f"{sum(entry['explained_variance']) / len(entry['explained_variance']):.3f}",
+                bar.set_postfix(refresh=False, loss=f"{entry['loss']:.4g}",
+                                ev=f"{sum(entry['explained_variance']) / len(entry['explained_variance']):.3f}",
                                 l0=f"{sum(entry['l0']) / len(entry['l0']):.1f}")
             bar.update(1)
-            if out is not None and (done % train_config.checkpoint_every == 0 or
-                                    (stop_after is not None and done == stop_after and done < n_steps)):
-                checkpoint_now(done)
-                last_checkpoint = done
+            if run.out is not None and (done % train_config.checkpoint_every == 0 or
+                                        (stop_after is not None and done == stop_after and done < n_steps)):
+                run.checkpoint(done)
     finally:
         bar.close()
     seconds = time.perf_counter() - loop_start
-    speed = {"seconds": seconds, "steps_run": steps_run,
-             "tokens_per_second": steps_run * train_config.batch_size / seconds if seconds > 0 else 0.0}
+    return {"seconds": seconds, "steps_run": steps_run,
+            "tokens_per_second": steps_run * train_config.batch_size / seconds if seconds > 0 else 0.0}
 
+
+def _finalise(run: _TrainingRun, speed: dict[str, Any], *, stopped_early: bool) -> TrainResult:
+    """Step 4: the result. Stopped early (`stop_after`), the model as it stands (its checkpoint is on disk);
+    finished, also the held-out metrics and firing counts (`evaluate`), and in out_dir the full model,
+    train.json, the firing counts and metrics.json (the checkpoints removed)."""
+    model, parallel, train_config = run.model, run.parallel, run.train_config
     # compiled kernels are specialised to the training batch shape; analyses run eagerly
     model.kernels = model.kernels.eager()
-    finished = (stop_after is None or stop_after >= n_steps)
-    if not finished:
-        return TrainResult(model=model, history=history, eval={}, path=out, init=init_info, **speed)
+    if stopped_early:
+        return TrainResult(model=model, history=run.history, eval={}, path=run.out, init=run.init_info, **speed)
 
     model.eval()
     eval_metrics = {}
     if train_config.eval_rows > 0:
-        eval_metrics = evaluate(model, source, split="eval", limit=train_config.eval_rows, parallel=parallel,
-                                device=device, bf16=train_config.bf16)
+        eval_metrics = evaluate(model, run.source, split="eval", limit=train_config.eval_rows, parallel=parallel,
+                                device=run.device, bf16=train_config.bf16)
     firing_counts = eval_metrics.pop(FIRING_COUNTS, None)
-    full_model = model if parallel is None else parallel.gather_model(model, model_config)
-    if out is not None and is_main:
+    full_model = parallel.gather_model(model)
+    if run.out is not None and parallel.is_main:
+        out, steps = run.out, getattr(run.source, "steps", None)
         full_model.save(out)
-        atomic_write_json(out / TRAIN_FILE, {"identity": identity, "init": init_info,
+        atomic_write_json(out / TRAIN_FILE, {"identity": run.identity, "init": run.init_info,
                                              "source_steps": list(steps) if steps is not None else None, **speed})
         if firing_counts is not None:
             data = safetensors.torch.save({FIRING_COUNTS: firing_counts.contiguous()})
             atomic_write_bytes(out / FIRING_FILE, data)
             eval_metrics[FIRING_COUNTS + "_sha256"] = sha256_bytes(data)
-        atomic_write_json(out / METRICS_FILE, {"history": history, "eval": eval_metrics})
+        atomic_write_json(out / METRICS_FILE, {"history": run.history, "eval": eval_metrics})
         _remove_checkpoints(out)
-    if parallel is not None:
-        parallel.barrier()
-    return TrainResult(model=full_model if is_main else model, history=history, eval=eval_metrics, path=out,
-                       init=init_info, firing_counts=firing_counts, **speed)
-
-
-def _try(fn, *args):
-    try:
-        return fn(*args)
-    except ParameterError:
-        return None
+    parallel.barrier()
+    return TrainResult(model=full_model if parallel.is_main else model, history=run.history, eval=eval_metrics,
+                       path=run.out, init=run.init_info, firing_counts=firing_counts, **speed)
 
 
 def _load_firing_counts(directory: Path, eval_metrics: dict[str, Any]) -> Tensor | None:

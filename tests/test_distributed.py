@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
-from crosslib.distributed import split_evenly
+from crosslib.distributed import SINGLE_PROCESS, ShardContext, ShardingContext, SingleProcess, split_evenly
 from crosslib.sources import planted_features
 from crosslib.train import TrainConfig, load_result, train_crosscoder
 
@@ -47,6 +47,20 @@ def _losses(history):
 def test_split_evenly():
     assert split_evenly(5, 2) == [[0, 1, 2], [3, 4]]
     assert split_evenly(4, 4) == [[0], [1], [2], [3]]
+
+
+def test_both_contexts_implement_the_sharding_protocol():
+    """The model and the trainer call only ShardingContext's members; SingleProcess's leave every value as it is."""
+    config = CrosscoderConfig(**MODEL)
+    sharded = ShardContext(config=config, n_heads=2, rank=1, world_size=2, shards=split_evenly(4, 2))
+    assert isinstance(sharded, ShardingContext) and isinstance(SINGLE_PROCESS, ShardingContext)
+    assert sharded.is_sharded and not sharded.is_main and sharded.local_config(config).n_snapshots == 2
+    alone = SingleProcess()
+    x = torch.randn(6, 4, 8)
+    assert not alone.is_sharded and alone.is_main and alone.penalty_replicas == 1
+    assert alone.local_rows(x) is x and alone.sum_over_heads(x) is x and alone.global_rows(6) == 6
+    assert alone.local_config(config) is config and alone.snapshots_per_dictionary(config) == 4
+    assert alone.source_snapshots(_source()) == 4 and alone.identify_source(object()) is None
 
 
 @pytest.fixture

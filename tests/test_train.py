@@ -1,9 +1,11 @@
 """Training: recovery of planted features, exact resume (also after a kill), bad inputs, NaN handling,
-caching, the one-pass per-snapshot SAEs, the schedule. Tiny models; ~30 s in all."""
+caching, the one-pass per-snapshot SAEs, the schedule, the default single-process context, and no
+process-wide side effects. Tiny models; ~40 s in all."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch
 
 from crosslib.config import ParameterError
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
+from crosslib.distributed import SingleProcess
 from crosslib.kernels import KernelOptions
 from crosslib.sources import TensorSource, planted_features
 from crosslib.artifacts import ArtifactError
@@ -330,3 +333,60 @@ def test_default_penalty_recovers_planted_features_at_the_tiny_presets_settings(
     planted_l0 = 256 * 0.02
     assert float((best >= 0.9).float().mean()) >= 0.8, best.sort().values[:10]
     assert planted_l0 / 2 <= result.eval["l0"][0] <= 2 * planted_l0, result.eval["l0"]
+
+
+# ----------------------------------------------------------------------------------- distribution and the process
+
+def test_the_single_process_context_is_the_default_and_trains_bit_identically():
+    """The trainer always holds a sharding context: the default is crosslib.distributed.SingleProcess, whose hooks
+    are identities, so passing one explicitly gives the same weights, history and metrics bit for bit."""
+    source = small_source()
+    default = train_crosscoder(source, SMALL_MODEL, SMALL_TRAIN, progress=False)
+    explicit = train_crosscoder(source, SMALL_MODEL, SMALL_TRAIN, progress=False, parallel=SingleProcess())
+    assert same_weights(default.model, explicit.model)
+    assert default.history == explicit.history and default.eval == explicit.eval and default.init == explicit.init
+    with pytest.raises(ParameterError, match="parallel="):
+        train_crosscoder(source, SMALL_MODEL, SMALL_TRAIN, progress=False, parallel=None)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_training_leaves_the_process_settings_alone_and_entry_points_make_them(tmp_path):
+    """In a fresh process: training (and building every compiled kernel) changes neither glibc's allocator nor
+    torch._dynamo's recompile limit nor the environment; crosslib.runtime.configure_process (what entry points
+    call) then does tune the allocator, and exports the tuning to child processes."""
+    script = tmp_path / "settings.py"
+    script.write_text(textwrap.dedent(f"""
+        import ctypes, os, subprocess, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        torch.set_num_threads(1)
+        limit, environ = torch._dynamo.config.recompile_limit, dict(os.environ)
+        from test_train import small_source, SMALL_MODEL, SMALL_TRAIN
+        from crosslib import kernels, runtime
+        from crosslib.train import train_crosscoder
+
+        def big_block_in_heap():  # glibc serves a 100 MB block from its heap only when tuned (else: its own mmap)
+            libc = ctypes.CDLL("libc.so.6")
+            libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+            p = libc.malloc(100 << 20)
+            heap = [line.split()[0] for line in open("/proc/self/maps") if "[heap]" in line]
+            lo, hi = (int(v, 16) for v in heap[0].split("-")) if heap else (0, 0)
+            return lo <= p < hi
+
+        train_crosscoder(small_source(), SMALL_MODEL, SMALL_TRAIN, progress=False)
+        for name in ("gate", "tanh_sum", "backward", "shut_window", "error_forward", "error_backward"):
+            kernels._kernel(name, True)  # torch.compile's wrappers (compiled at their first call)
+        assert torch._dynamo.config.recompile_limit == limit
+        assert dict(os.environ) == environ
+        assert not big_block_in_heap()
+
+        assert runtime.configure_process()
+        assert big_block_in_heap()
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('MALLOC_MMAP_THRESHOLD_'))"],
+                               capture_output=True, text=True, check=True)
+        assert child.stdout.strip() == str(runtime.MALLOC_THRESHOLD)
+        print("settings ok")
+    """))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "CROSSLIB_MALLOC_TUNING"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "settings ok" in proc.stdout, proc.stderr[-3000:]
