@@ -70,7 +70,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import safetensors.torch
 import torch
@@ -80,7 +80,8 @@ from torch import Tensor, nn
 
 from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_json, read_json_object,
                                 sha256_bytes)
-from crosslib.config import Config, ParameterError, require, require_choice, require_positive
+from crosslib.config import (Check, Config, ParameterError, boolean, choice, is_int, is_number, positive,
+                             positive_int, require, require_positive)
 from crosslib.distributed import SINGLE_PROCESS, ShardingContext
 from crosslib.kernels import (Encode, JumpReLU, JumpReLUTanh, KernelOptions, SparsePlan, SquaredError,
                              sparse_decode)
@@ -97,36 +98,25 @@ PLACEHOLDER_DECODER_NORM = 0.1  # used at construction when decoder_init_norm="s
 class CrosscoderConfig(Config):
     """Shape and functional form of a crosscoder (paper defaults)."""
 
-    n_snapshots: int
-    d_model: int
-    dict_size: int
-    activation: str = "jumprelu"  # "jumprelu" | "relu" | "topk"
+    n_snapshots: Annotated[int, positive_int()]
+    d_model: Annotated[int, positive_int()]
+    dict_size: Annotated[int, positive_int()]
+    activation: Annotated[str, choice(*ACTIVATIONS)] = "jumprelu"
     k: int = 32  # active features per token, topk only
-    sparsity: str = "tanh-quad"  # "tanh-quad" | "l1"
-    tanh_scale: float = 4.0  # c in tanh(c · f‖W_D‖)
-    quad_scale: float = 0.01  # s in p̂(1 + p̂/s)
-    bandwidth: float = 4.0  # ε, the STE rectangle window, in units of h‖W_D‖
-    threshold_init: float = 0.1  # e^t at initialisation
-    decoder_init_norm: float | str = "search"  # per-snapshot decoder norm at init, or "search" (grid, min MSE)
-    independent: bool = False  # one dictionary per snapshot (S SAEs in one pass)
+    sparsity: Annotated[str, choice(*SPARSITIES)] = "tanh-quad"
+    tanh_scale: Annotated[float, positive()] = 4.0  # c in tanh(c · f‖W_D‖)
+    quad_scale: Annotated[float, positive()] = 0.01  # s in p̂(1 + p̂/s)
+    bandwidth: Annotated[float, positive()] = 4.0  # ε, the STE rectangle window, in units of h‖W_D‖
+    threshold_init: Annotated[float, positive()] = 0.1  # e^t at initialisation
+    # per-snapshot decoder norm at init, or "search" (grid, min MSE)
+    decoder_init_norm: Annotated[float | str, Check(lambda norm: norm == "search" or is_number(norm) and norm > 0,
+                                                    'a positive number or "search"')] = "search"
+    independent: Annotated[bool, boolean()] = False  # one dictionary per snapshot (S SAEs in one pass)
 
     def validate(self) -> None:
-        for name in ("n_snapshots", "d_model", "dict_size"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                    "a positive integer")
-        require_choice("activation", self.activation, ACTIVATIONS)
-        require_choice("sparsity", self.sparsity, SPARSITIES)
         if self.activation == "topk":
-            require(isinstance(self.k, int) and 1 <= self.k <= self.dict_size, "k", self.k,
+            require(is_int(self.k) and 1 <= self.k <= self.dict_size, "k", self.k,
                     f"an integer in 1..dict_size={self.dict_size}")
-        for name in ("tanh_scale", "quad_scale", "bandwidth", "threshold_init"):
-            require_positive(name, getattr(self, name))
-        norm = self.decoder_init_norm
-        require(norm == "search" or (isinstance(norm, (int, float)) and not isinstance(norm, bool)
-                                     and math.isfinite(norm) and norm > 0),
-                "decoder_init_norm", norm, 'a positive number or "search"')
-        require(isinstance(self.independent, bool), "independent", self.independent, "True or False")
 
     @property
     def n_dictionaries(self) -> int:
