@@ -94,6 +94,9 @@ def allocated_bytes(folder: Path) -> int:
 
 
 def main() -> None:
+    from crosslib.runtime import configure_process
+
+    configure_process()  # an entry point: the allocator tuning the trainer's big batches need (process-wide)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default="/tmp/crosslib-bench-scale", help="suite and data directory (reused)")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens cached (N; the RSS check also caches 5N)")
