@@ -1,28 +1,15 @@
-"""The activation cache: the same token positions in every snapshot, on disk, aligned row by row.
+"""Building the activation cache: the same token positions in every snapshot, on disk, aligned row by row.
 
     store = build_store(CacheConfig(suite, steps=(0, 64, 512), hook="blocks.2.hook_resid_post"), windows)
-    for batch in store.batches(2048, seed=0):       # [batch, snapshot, d_model], normalised
-        ...
-    store.rows("eval", limit=10_000)               # held-out rows, in order
-    store.select(steps=[512])                      # a 1-snapshot view (for a per-snapshot SAE)
-    tokens, acts = store.context(window=3)         # [context] tokens and [context, snapshot, d_model]
 
-Layout of a store ``<root>/activations/<key>/``::
+`build_store` runs every snapshot over the token windows and writes a store whose layout, and the
+`ActivationStore` that reads it, are in `crosslib.store`; it returns the opened store. While
+building, ``<key>.partial/`` also holds ``progress/step{N}.jsonl``: one line per finished chunk
+(its SHA-256 and norm sum), appended after the chunk's bytes are written.
 
-    config.json           what the key hashes: the cache config, the token windows' fingerprint and
-                          the identity of each snapshot's weights (written last: marks completion)
-    manifest.json         shapes, dtype, steps, per-snapshot mean norm, per-chunk SHA-256
-    tokens.bin            int32 [n_windows, context_length]
-    acts/step{N}.bin      one [n_tokens, d_model] array per snapshot (float16/bfloat16/float32)
-
-While building, ``<key>.partial/`` also holds ``progress/step{N}.jsonl``: one line per finished
-chunk (its SHA-256 and norm sum), appended after the chunk's bytes are written.
-
-Rows are token positions in window order: row = window * context_length + position. Each
-snapshot's file is written in chunks of whole windows; a chunk's checksum is recorded only once
-its bytes are on disk, so a killed build resumes from its finished chunks and produces the same
-bytes as an uninterrupted one (same machine, same thread count). Nothing is unpickled: arrays are
-raw little-endian files read through `np.memmap`.
+Each snapshot's file is written in chunks of whole windows; a chunk's checksum is recorded only
+once its bytes are on disk, so a killed build resumes from its finished chunks and produces the
+same bytes as an uninterrupted one (same machine, same thread count).
 
 The model runs in float32 by default. ``compute_dtype="bfloat16"`` (autocast) is faster on CPUs
 with bf16 instructions but changes the activations by up to ~1% per row (benchmarks/README.md),
@@ -40,12 +27,10 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Sequence
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from crosslib.artifacts import (
     CONFIG_FILE,
@@ -53,29 +38,17 @@ from crosslib.artifacts import (
     artifact_dir,
     atomic_write_json,
     build_artifact,
-    corruption_message,
     display_path,
     read_json,
     sha256_file,
-    unchanged_since_verified,
-    verify_artifact,
-    write_stamp,
 )
 from crosslib.config import (Check, Config, Convert, ParameterError, choice, fraction, is_int, lists_as_tuples,
-                             positive_int, require, require_choice)
+                             positive_int, require)
 from crosslib.hooks import HookPoint, capture, parse_hook, validate_hook
-from crosslib.sources import SPLITS, row_bounds, snapshot_positions
+from crosslib.sources import held_out_split
+from crosslib.store import (DTYPES, FORMAT, KIND, MANIFEST_FILE, TOKENS_FILE, ActivationStore, chunk_sha256, chunk_span,
+                            open_store)
 
-KIND = "activations"
-FORMAT = "crosslib-activations-v1"
-MANIFEST_FILE = "manifest.json"
-TOKENS_FILE = "tokens.bin"
-DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
-    # name -> (torch dtype, numpy dtype of the bytes on disk; bfloat16 is stored as its raw 16 bits)
-    "float16": (torch.float16, np.dtype("<f2")),
-    "bfloat16": (torch.bfloat16, np.dtype("<i2")),
-    "float32": (torch.float32, np.dtype("<f4")),
-}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -201,17 +174,6 @@ def _check_tokens(tokens: Any) -> np.ndarray:
     return tokens
 
 
-def split_windows(n_windows: int, eval_fraction: float) -> tuple[int, int]:
-    """(n_train_windows, n_eval_windows): the eval windows are the last ones."""
-    n_eval = 0 if eval_fraction == 0 else max(1, round(n_windows * eval_fraction))
-    if n_windows - n_eval < 1:
-        raise ParameterError(
-            f"eval_fraction={eval_fraction} leaves no training windows out of n_windows={n_windows}: "
-            "pass more windows or a smaller eval_fraction"
-        )
-    return n_windows - n_eval, n_eval
-
-
 def _human(n_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n_bytes < 1024 or unit == "TiB":
@@ -280,7 +242,7 @@ def _prepare(config: "CacheConfig", token_windows: Any) -> "_Plan":
             f"token_windows has context_length={context}: the model allows at most "
             f"max_position_embeddings={max_context}"
         )
-    n_train, n_eval = split_windows(n_windows, config.eval_fraction)
+    n_train, n_eval = held_out_split(n_windows, config.eval_fraction, "windows")
 
     cache = config.to_dict()
     if _is_local(config.suite):
@@ -387,22 +349,15 @@ class _Plan:
     def n_chunks(self) -> int:
         return math.ceil(self.n_windows / self.chunk_windows)
 
+    def chunk_span(self, chunk: int, row_bytes: int) -> tuple[int, int]:
+        """(byte offset, byte length) of `chunk` in a snapshot's file."""
+        return chunk_span(chunk, self.chunk_windows, self.n_windows, self.context, row_bytes)
+
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written
-
-
-def _chunk_sha(fd: int, offset: int, n_bytes: int) -> str:
-    digest = hashlib.sha256()
-    while n_bytes > 0:
-        block = os.pread(fd, min(n_bytes, 1 << 22), offset)
-        if not block:
-            break
-        digest.update(block)
-        offset, n_bytes = offset + len(block), n_bytes - len(block)
-    return digest.hexdigest()
 
 
 def _write_tokens(path: Path, tokens: np.ndarray) -> str:
@@ -462,10 +417,10 @@ def _build(partial: Path, plan: _Plan) -> None:
             done: dict[int, dict] = {}
             for c, rec in sorted(records.items()):
                 if 0 <= c < plan.n_chunks:
-                    offset, n_bytes = _chunk_span(plan, c, row_bytes)
-                    if rec.get("sha256") == _chunk_sha(fd, offset, n_bytes):
+                    offset, n_bytes = plan.chunk_span(c, row_bytes)
+                    if rec.get("sha256") == chunk_sha256(fd, offset, n_bytes):
                         done[c] = {"sha256": rec["sha256"], "norm_sum": rec["norm_sum"]}
-            bar.update(sum(_chunk_span(plan, c, row_bytes)[1] // row_bytes for c in done))
+            bar.update(sum(plan.chunk_span(c, row_bytes)[1] // row_bytes for c in done))
             todo = [c for c in range(plan.n_chunks) if c not in done]
             if todo:
                 model, _ = load_snapshot(config.suite, step, device=device, with_tokenizer=False)
@@ -534,17 +489,6 @@ def _read_progress(path: Path) -> dict[int, dict]:
     return records
 
 
-def _chunk_span(plan: _Plan | dict, chunk: int, row_bytes: int) -> tuple[int, int]:
-    """(byte offset, byte length) of `chunk` in a snapshot's file."""
-    if isinstance(plan, dict):
-        chunk_windows, n_windows, context = plan["chunk_windows"], plan["n_windows"], plan["context_length"]
-    else:
-        chunk_windows, n_windows, context = plan.chunk_windows, plan.n_windows, plan.context
-    w0 = chunk * chunk_windows
-    w1 = min(n_windows, w0 + chunk_windows)
-    return w0 * context * row_bytes, (w1 - w0) * context * row_bytes
-
-
 @torch.inference_mode()
 def _compute_chunk(model, plan: _Plan, chunk: int, fd: int, torch_dtype, step: int, autocast, bar) -> dict:
     config, context = plan.config, plan.context
@@ -577,285 +521,3 @@ def _compute_chunk(model, plan: _Plan, chunk: int, fd: int, torch_dtype, step: i
         _pwrite_all(fd, data, b0 * context * row_bytes)
         bar.update((b1 - b0) * context)
     return {"sha256": digest.hexdigest(), "norm_sum": math.fsum(norm_sums)}
-
-
-# --------------------------------------------------------------------------- open
-
-
-def open_store(path: str | os.PathLike, *, verify: bool | str = True) -> "ActivationStore":
-    """Open a published store. Sizes are always checked. ``verify=True`` checks each chunk of each
-    file against its SHA-256 unless the files are unchanged (same size and modification time)
-    since they were last verified; ``verify="full"`` always re-hashes; ``False`` skips hashing."""
-    require(verify in (True, False, "full"), "verify", verify, 'True, False or "full"')
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise ArtifactError(
-            f"{path} is not a complete activation store (no {CONFIG_FILE}): it does not exist, is still being "
-            "built, or its build was interrupted; call build_store again to finish it"
-        )
-    if verify:
-        verify_artifact(path, full=verify == "full")  # manifest.json and config files
-    manifest = read_json(path / MANIFEST_FILE)
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path / MANIFEST_FILE} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    row_bytes = manifest["d_model"] * DTYPES[manifest["dtype"]][1].itemsize
-    files = [(manifest["tokens"]["file"], manifest["n_tokens"] * 4)]
-    files += [(s["file"], manifest["n_tokens"] * row_bytes) for s in manifest["snapshots"]]
-    for name, size in files:
-        file = path / name
-        if not file.is_file():
-            raise ArtifactError(corruption_message(path, f"activation store is missing {name}"))
-        if file.stat().st_size != size:
-            raise ArtifactError(corruption_message(path, f"{file} has {file.stat().st_size} bytes, expected {size}"))
-    names = [name for name, _ in files]
-    if verify == "full" or (verify and not unchanged_since_verified(path, names)):
-        if sha256_file(path / manifest["tokens"]["file"]) != manifest["tokens"]["sha256"]:
-            raise ArtifactError(corruption_message(path, f"{path / manifest['tokens']['file']} does not match its checksum"))
-        for snap in manifest["snapshots"]:
-            fd = os.open(path / snap["file"], os.O_RDONLY)
-            try:
-                for c, rec in enumerate(snap["chunks"]):
-                    offset, n_bytes = _chunk_span(manifest, c, row_bytes)
-                    if _chunk_sha(fd, offset, n_bytes) != rec["sha256"]:
-                        first_row = offset // row_bytes
-                        raise ArtifactError(corruption_message(
-                            path, f"{path / snap['file']}: chunk {c} (rows {first_row}..{first_row + n_bytes // row_bytes - 1}) "
-                            "does not match its checksum in manifest.json"))
-            finally:
-                os.close(fd)
-        write_stamp(path, names)
-    return ActivationStore(path, manifest)
-
-
-# --------------------------------------------------------------------------- shuffling
-
-
-_M64 = (1 << 64) - 1
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    z = z ^ (z >> np.uint64(30))
-    z = z * np.uint64(0xBF58476D1CE4E5B9)
-    z = z ^ (z >> np.uint64(27))
-    z = z * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-class RowPermutation:
-    """A pseudo-random bijection of ``range(n)`` for every (seed, epoch), computed on the fly.
-
-    ``perm(positions)`` maps global positions p = epoch * n + i to rows: epoch e visits every row
-    exactly once, in an order set by (seed, e). A Feistel network on the next even power of two
-    with cycle walking gives the bijection with O(1) memory and random access, so a loader can
-    start at any batch without replaying (or storing) a permutation of n_tokens indices.
-    """
-
-    ROUNDS = 6
-
-    def __init__(self, n: int, seed: int = 0):
-        require(isinstance(n, int) and n > 0, "n", n, "a positive number of rows")
-        self.n = n
-        self.half_bits = max(1, math.ceil(max(1, (n - 1).bit_length()) / 2))
-        self.mask = np.uint64((1 << self.half_bits) - 1)
-        self.seed = np.uint64(seed & _M64)
-
-    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        shift = np.uint64(self.half_bits)
-        left, right = x >> shift, x & self.mask
-        for r in range(self.ROUNDS):
-            f = _mix64(right ^ keys ^ np.uint64((r + 1) * 0x9E3779B97F4A7C15 & _M64)) & self.mask
-            left, right = right, left ^ f
-        return (left << shift) | right
-
-    def __call__(self, positions: np.ndarray) -> np.ndarray:
-        positions = np.asarray(positions, dtype=np.uint64)
-        n = np.uint64(self.n)
-        epoch, x = positions // n, positions % n
-        keys = _mix64(_mix64(epoch ^ self.seed) + self.seed)
-        y = self._feistel(x, keys)
-        out_of_range = y >= n
-        while out_of_range.any():
-            y[out_of_range] = self._feistel(y[out_of_range], keys[out_of_range])
-            out_of_range = y >= n
-        return y.astype(np.int64)
-
-
-# --------------------------------------------------------------------------- the store
-
-
-class ActivationStore:
-    """A read-only activation store (or a view over some of its snapshots).
-
-    Attributes: `path`, `steps`, `hook`, `d_model`, `n_snapshots`, `n_tokens`, `n_windows`,
-    `context_length`, `tokens` (int32 memmap [n_windows, context]), `mean_norms` [n_snapshots],
-    `norm_factors` (= sqrt(d_model) / mean_norms), `dtype`, `config`, `manifest`.
-    Rows are positions, row = window * context_length + position; the eval split is the last
-    `n_eval_windows` windows, so no context is shared between train and eval rows.
-    """
-
-    def __init__(self, path: Path, manifest: dict, indices: Sequence[int] | None = None, _arrays: dict | None = None):
-        self.path = Path(path)
-        self.manifest = manifest
-        all_snapshots = manifest["snapshots"]
-        self._indices = list(range(len(all_snapshots))) if indices is None else list(indices)
-        self._snapshots = [all_snapshots[i] for i in self._indices]
-        self._arrays = {} if _arrays is None else _arrays  # file -> np.memmap, shared by views
-        self.hook: str = manifest["hook"]
-        self.dtype: str = manifest["dtype"]
-        self.d_model: int = int(manifest["d_model"])
-        self.context_length: int = int(manifest["context_length"])
-        self.n_windows: int = int(manifest["n_windows"])
-        self.n_tokens: int = int(manifest["n_tokens"])
-        self.n_train_windows: int = int(manifest["n_train_windows"])
-        self.n_eval_windows: int = int(manifest["n_eval_windows"])
-        self.steps: list[int] = [int(s["step"]) for s in self._snapshots]
-        self.n_snapshots: int = len(self.steps)
-        self.mean_norms: np.ndarray = np.array([s["mean_norm"] for s in self._snapshots], dtype=np.float64)
-        self.norm_factors: np.ndarray = math.sqrt(self.d_model) / self.mean_norms
-        self.config = CacheConfig.from_dict(manifest["config"])
-        self.tokens: np.ndarray = np.memmap(
-            self.path / manifest["tokens"]["file"], dtype="<i4", mode="r", shape=(self.n_windows, self.context_length)
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"ActivationStore({self.hook}, steps={self.steps}, n_tokens={self.n_tokens:,}, d_model={self.d_model}, "
-            f"dtype={self.dtype}, path={str(self.path)!r})"
-        )
-
-    def __len__(self) -> int:
-        return self.n_tokens
-
-    # ---- rows and splits
-
-    def split_rows(self, split: str = "train") -> range:
-        """The row indices of a split: "train", "eval" (the last eval_fraction of windows) or "all"."""
-        require_choice("split", split, SPLITS)
-        boundary = self.n_train_windows * self.context_length
-        return {"train": range(0, boundary), "eval": range(boundary, self.n_tokens), "all": range(self.n_tokens)}[split]
-
-    def row_index(self, window: Any, position: Any) -> Any:
-        """Flat row index of (window, position); works on ints and integer arrays."""
-        w, p = np.asarray(window), np.asarray(position)
-        if (w < 0).any() or (w >= self.n_windows).any():
-            raise ParameterError(f"window={window!r} is out of range: 0..{self.n_windows - 1}")
-        if (p < 0).any() or (p >= self.context_length).any():
-            raise ParameterError(f"position={position!r} is out of range: 0..{self.context_length - 1}")
-        row = w.astype(np.int64) * self.context_length + p
-        return int(row) if row.ndim == 0 else row
-
-    def window_position(self, row: Any) -> tuple[Any, Any]:
-        """(window, position) of a flat row index; works on ints and integer arrays."""
-        r = np.asarray(row)
-        if (r < 0).any() or (r >= self.n_tokens).any():
-            raise ParameterError(f"row={row!r} is out of range: 0..{self.n_tokens - 1}")
-        w, p = np.divmod(r.astype(np.int64), self.context_length)
-        return (int(w), int(p)) if r.ndim == 0 else (w, p)
-
-    # ---- low-level reads (every read of activation bytes goes through these two)
-
-    def _array(self, i: int) -> np.memmap:
-        file = self._snapshots[i]["file"]
-        if file not in self._arrays:
-            self._arrays[file] = np.memmap(
-                self.path / file, dtype=DTYPES[self.dtype][1], mode="r", shape=(self.n_tokens, self.d_model)
-            )
-        return self._arrays[file]
-
-    def _read(self, i: int, rows: np.ndarray) -> np.ndarray:
-        """Rows `rows` (sorted int64) of snapshot view-index `i`."""
-        return np.asarray(self._array(i)[rows])
-
-    def _read_range(self, i: int, start: int, stop: int) -> np.ndarray:
-        return np.array(self._array(i)[start:stop])
-
-    def _to_tensor(self, block: np.ndarray, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
-        """[rows, S, d] stored values -> tensor on `device`, normalised per snapshot if asked."""
-        t = torch.from_numpy(block)
-        if self.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)
-        t = t.to(device).float()
-        if normalise:
-            t = t * torch.as_tensor(self.norm_factors, dtype=torch.float32, device=t.device)[:, None]
-        return t.to(dtype)
-
-    def _gather(self, rows: np.ndarray, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        block = np.empty((len(rows), self.n_snapshots, self.d_model), dtype=DTYPES[self.dtype][1])
-        for i in range(self.n_snapshots):
-            block[order, i] = self._read(i, sorted_rows)
-        return self._to_tensor(block, normalise, device, dtype)
-
-    # ---- the data-source protocol
-
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        start_batch: int = 0,
-        split: str = "train",
-        normalise: bool = True,
-        device: Any = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> Iterator[Float[Tensor, "batch snapshot d_model"]]:
-        """An endless stream of shuffled batches [batch, snapshot, d_model], rows aligned across snapshots.
-
-        Each epoch visits every row of the split once in an order set by (seed, epoch). The batch
-        yielded first with ``start_batch=k`` is the k-th batch of a stream started at 0, so training
-        resumes exactly. Only the rows of the current batch are read from disk.
-        """
-        require(isinstance(batch_size, int) and batch_size > 0, "batch_size", batch_size, "a positive integer")
-        require(isinstance(start_batch, int) and start_batch >= 0, "start_batch", start_batch, "an integer >= 0")
-        require(isinstance(seed, int) and seed >= 0, "seed", seed, "an integer >= 0")
-        rows = self.split_rows(split)
-        if len(rows) == 0:
-            raise ParameterError(f"split={split!r} has no rows in this store (eval_fraction=0); use split='train'")
-        permutation = RowPermutation(len(rows), seed)
-        return self._batches(permutation, rows.start, batch_size, start_batch, normalise, device, dtype)
-
-    def _batches(self, permutation, first_row, batch_size, start_batch, normalise, device, dtype):
-        k = start_batch
-        while True:
-            positions = np.arange(k * batch_size, (k + 1) * batch_size, dtype=np.uint64)
-            yield self._gather(first_row + permutation(positions), normalise, device, dtype)
-            k += 1
-
-    def rows(
-        self,
-        split: str = "eval",
-        *,
-        limit: int | None = None,
-        start: int = 0,
-        normalise: bool = True,
-        device: Any = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> Float[Tensor, "row snapshot d_model"]:
-        """Rows of a split in order, from its `start`-th row, at most `limit` of them."""
-        a, b = row_bounds(self.split_rows(split), start, limit)
-        block = np.empty((b - a, self.n_snapshots, self.d_model), dtype=DTYPES[self.dtype][1])
-        for i in range(self.n_snapshots):
-            block[:, i] = self._read_range(i, a, b)
-        return self._to_tensor(block, normalise, device, dtype)
-
-    def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "ActivationStore":
-        """A view over some snapshots (by training step or by position in `self.steps`), same rows."""
-        positions = snapshot_positions(self.steps, steps, indices, "store")
-        return ActivationStore(self.path, self.manifest, [self._indices[i] for i in positions], self._arrays)
-
-    def context(
-        self, window: int, position: int | None = None, *, normalise: bool = True, device: Any = "cpu"
-    ) -> tuple[np.ndarray, Tensor]:
-        """Tokens of `window` [context] and its activations [context, snapshot, d_model] (or [snapshot, d_model]
-        at one `position`)."""
-        first = self.row_index(window, 0 if position is None else position)
-        tokens = np.array(self.tokens[window], dtype=np.int64)
-        if position is None:
-            block = np.empty((self.context_length, self.n_snapshots, self.d_model), dtype=DTYPES[self.dtype][1])
-            for i in range(self.n_snapshots):
-                block[:, i] = self._read_range(i, first, first + self.context_length)
-            return tokens, self._to_tensor(block, normalise, device, torch.float32)
-        block = np.stack([self._read_range(i, first, first + 1)[0] for i in range(self.n_snapshots)])[None]
-        return tokens, self._to_tensor(block, normalise, device, torch.float32)[0]

@@ -526,7 +526,7 @@ def _load_source(path: str) -> Any:
 
     p = Path(path)
     if p.is_dir():
-        from crosslib.cache import open_store
+        from crosslib.store import open_store
 
         return open_store(p)
     if p.suffix == ".safetensors":

@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crosslib.cache import ActivationStore, CacheConfig, build_store
+from crosslib.cache import CacheConfig, build_store
 from crosslib.config import require, require_choice
 from crosslib.corpus import CorpusConfig
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig
 from crosslib.parameters import check_dictionary_memory, check_parameters
 from crosslib.snapshots import context_length as snapshot_context_length
+from crosslib.sources import ActivationSource, RowSource
+from crosslib.store import ActivationStore
 from crosslib.suite import (as_corpus_config, corpus_name, iter_steps, resolve_suite, suite_token_streams,
                             windows_for_tokens)
 from crosslib.train import TrainConfig, TrainResult, train_crosscoder_cached
@@ -68,7 +70,7 @@ def activation_store(
 
 
 def dictionary(
-    store: Any,
+    store: ActivationSource,
     dict_size: int,
     sparsity_coefficient: float,
     *,
@@ -94,7 +96,7 @@ def dictionary(
 
 
 def sparsity_sweep(
-    store: Any,
+    store: ActivationSource,
     dict_size: int,
     sparsity_coefficients: Sequence[float],
     *,
@@ -129,7 +131,7 @@ def sparsity_sweep(
 @torch.no_grad()
 def feature_activations(
     model: Crosscoder,
-    store: Any,
+    store: ActivationStore,
     features: Sequence[int],
     *,
     split: str = "eval",
@@ -158,7 +160,7 @@ def feature_activations(
 
 
 def layer_feature_batches(
-    stores: Sequence[Any],
+    stores: Sequence[RowSource],
     dictionaries: Sequence[Crosscoder],
     *,
     split: str = "train",

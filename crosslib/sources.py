@@ -1,7 +1,8 @@
-"""Where dictionaries get their activations: the `ActivationSource` protocol and an in-memory source.
+"""Where dictionaries get their activations: the `ActivationSource` protocol, the `RowSource` base
+that implements it, and an in-memory source.
 
-Training code reads activations only through this protocol, so the disk-backed activation cache
-(`crosslib.cache.ActivationStore`) and an in-memory tensor (`TensorSource`, for tests and
+Training code reads activations only through the protocol, so the disk-backed activation cache
+(`crosslib.store.ActivationStore`) and an in-memory tensor (`TensorSource`, for tests and
 synthetic data) are interchangeable. A source holds rows aligned across snapshots: row r is the
 same token position in every snapshot.
 
@@ -10,6 +11,10 @@ same token position in every snapshot.
         ...
     source.batches(2048, seed=0, start_batch=k)     # its first batch is the k-th of the stream above
 
+Both sources are `RowSource`s: the base owns the train/eval split, the shuffle (`RowPermutation`)
+and the batching, so the same rows give the same batches for the same seed, whichever holds them;
+a subclass only reads rows (`_gather`, `_slice`) and makes snapshot views (`select`).
+
 Normalisation (the book's Methods page, section Activations and normalisation): snapshot θ is
 scaled by `norm_factors[θ] = sqrt(d_model) / E‖x^θ‖`, so every snapshot's rows have mean norm
 sqrt(d_model).
@@ -17,6 +22,7 @@ sqrt(d_model).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
@@ -35,10 +41,10 @@ SPLITS = ("train", "eval", "all")
 class ActivationSource(Protocol):
     """Rows of activations aligned across snapshots (what crosscoder training reads).
 
-    Implemented by `crosslib.cache.ActivationStore` (on disk) and `TensorSource` (in memory).
-    Optional extras that training uses when present: `norm_factors` (per-snapshot
-    normalisation, for exporting to sae-lens) and `fingerprint` (a content id, for caching
-    trained dictionaries).
+    Implemented by every `RowSource` (`crosslib.store.ActivationStore` on disk, `TensorSource`
+    in memory) and by wrappers that pass another source's batches through. Optional extras that
+    training uses when present: `norm_factors` (per-snapshot normalisation, for exporting to
+    sae-lens) and `fingerprint` (a content id, for caching trained dictionaries).
     """
 
     steps: list[int]
@@ -61,9 +67,16 @@ class ActivationSource(Protocol):
         ...
 
     def rows(
-        self, split: str = "eval", *, limit: int | None = None, normalise: bool = True, device: Any = "cpu"
+        self,
+        split: str = "eval",
+        *,
+        limit: int | None = None,
+        start: int = 0,
+        normalise: bool = True,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> Float[Tensor, "row snapshot d_model"]:
-        """The rows of a split, in order (at most `limit`)."""
+        """The rows of a split, in order, from its `start`-th row (at most `limit`)."""
         ...
 
     def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "ActivationSource":
@@ -98,6 +111,18 @@ def row_bounds(rows: range, start: int, limit: int | None) -> tuple[int, int]:
     return a, rows.stop if limit is None else min(rows.stop, a + limit)
 
 
+def held_out_split(n: int, eval_fraction: float, units: str) -> tuple[int, int]:
+    """(n_train, n_eval) of `n` windows or rows (`units`): the eval ones are the last
+    round(n · eval_fraction), at least one unless eval_fraction is 0."""
+    n_eval = 0 if eval_fraction == 0 else max(1, round(n * eval_fraction))
+    if n - n_eval < 1:
+        raise ParameterError(
+            f"eval_fraction={eval_fraction} leaves no training {units} out of n_{units}={n}: "
+            f"pass more {units} or a smaller eval_fraction"
+        )
+    return n - n_eval, n_eval
+
+
 def source_fingerprint(source: Any) -> str:
     """A content identity for `source`, used to key cached dictionaries.
 
@@ -117,12 +142,170 @@ def source_fingerprint(source: Any) -> str:
     )
 
 
-class TensorSource:
-    """An `ActivationSource` over an in-memory tensor [row, snapshot, d_model].
+# --------------------------------------------------------------------------- shuffling
 
-    The last `eval_fraction` of the rows form the "eval" split, the rest "train". Batches are
-    drawn epoch by epoch: epoch e visits the train rows in the order of a permutation seeded by
-    (seed, e), so batch k is a pure function of (seed, k).
+
+_M64 = (1 << 64) - 1
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class RowPermutation:
+    """A pseudo-random bijection of ``range(n)`` for every (seed, epoch), computed on the fly.
+
+    ``perm(positions)`` maps global positions p = epoch * n + i to rows: epoch e visits every row
+    exactly once, in an order set by (seed, e). A Feistel network on the next even power of two
+    with cycle walking gives the bijection with O(1) memory and random access, so a loader can
+    start at any batch without replaying (or storing) a permutation of n_tokens indices.
+    """
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, seed: int = 0):
+        require(isinstance(n, int) and n > 0, "n", n, "a positive number of rows")
+        self.n = n
+        self.half_bits = max(1, math.ceil(max(1, (n - 1).bit_length()) / 2))
+        self.mask = np.uint64((1 << self.half_bits) - 1)
+        self.seed = np.uint64(seed & _M64)
+
+    def _feistel(self, x: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        shift = np.uint64(self.half_bits)
+        left, right = x >> shift, x & self.mask
+        for r in range(self.ROUNDS):
+            f = _mix64(right ^ keys ^ np.uint64((r + 1) * 0x9E3779B97F4A7C15 & _M64)) & self.mask
+            left, right = right, left ^ f
+        return (left << shift) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.uint64)
+        n = np.uint64(self.n)
+        epoch, x = positions // n, positions % n
+        keys = _mix64(_mix64(epoch ^ self.seed) + self.seed)
+        y = self._feistel(x, keys)
+        out_of_range = y >= n
+        while out_of_range.any():
+            y[out_of_range] = self._feistel(y[out_of_range], keys[out_of_range])
+            out_of_range = y >= n
+        return y.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- the shared row source
+
+
+class RowSource(abc.ABC):
+    """An `ActivationSource` over numbered rows: owns the split, the shuffle and the batching.
+
+    The "eval" split is the last `n_eval` rows, "train" the `n_train` before them. Batch k of a
+    split is rows ``permutation(k * batch_size ... (k + 1) * batch_size)`` of a `RowPermutation`
+    of the split seeded by `seed`: epoch e visits every row once in an order set by (seed, e), so
+    batch k is a pure function of (seed, k) and a stream can start at any batch.
+
+    A subclass sets `steps`, `d_model`, the row counts (through `__init__`) and `norm_factors`,
+    `mean_norms`; it reads rows (`_gather`, `_slice`) and makes snapshot views (`select`).
+    """
+
+    noun = "source"  # how errors name this kind of source
+
+    def __init__(self, steps: Sequence[int], d_model: int, n_rows: int, n_eval: int):
+        self.steps: list[int] = list(steps)
+        self.n_snapshots: int = len(self.steps)
+        self.d_model: int = d_model
+        self.n_tokens: int = n_rows
+        self.n_train: int = n_rows - n_eval
+        self.n_eval: int = n_eval
+        self.norm_factors: np.ndarray
+        self.mean_norms: np.ndarray
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    # ---- what a subclass provides
+
+    @abc.abstractmethod
+    def _gather(self, rows: np.ndarray, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
+        """Rows `rows` (int64, in that order) as [row, snapshot, d_model]."""
+
+    @abc.abstractmethod
+    def _slice(self, start: int, stop: int, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
+        """Rows start..stop-1 as [row, snapshot, d_model]."""
+
+    @abc.abstractmethod
+    def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "RowSource":
+        """A view over some snapshots (by training step or by position in `self.steps`), same rows."""
+
+    # ---- shared
+
+    def _normalised(self, x: Tensor) -> Tensor:
+        """`x` [row, snapshot, d_model] (float32) scaled per snapshot by `norm_factors`."""
+        return x * torch.as_tensor(self.norm_factors, dtype=torch.float32, device=x.device)[:, None]
+
+    def split_rows(self, split: str = "train") -> range:
+        """The row indices of a split: "train", "eval" (the last `n_eval` rows) or "all"."""
+        require_choice("split", split, SPLITS)
+        return {"train": range(0, self.n_train), "eval": range(self.n_train, self.n_tokens),
+                "all": range(self.n_tokens)}[split]
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        start_batch: int = 0,
+        split: str = "train",
+        normalise: bool = True,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Float[Tensor, "batch snapshot d_model"]]:
+        """An endless stream of shuffled batches [batch, snapshot, d_model], rows aligned across snapshots.
+
+        Each epoch visits every row of the split once in an order set by (seed, epoch). The batch
+        yielded first with ``start_batch=k`` is the k-th batch of a stream started at 0, so training
+        resumes exactly. Only the rows of the current batch are read.
+        """
+        require(isinstance(batch_size, int) and batch_size > 0, "batch_size", batch_size, "a positive integer")
+        require(isinstance(start_batch, int) and start_batch >= 0, "start_batch", start_batch, "an integer >= 0")
+        require(isinstance(seed, int) and seed >= 0, "seed", seed, "an integer >= 0")
+        rows = self.split_rows(split)
+        if len(rows) == 0:
+            raise ParameterError(f"split={split!r} has no rows in this {self.noun} (eval_fraction=0); use split='train'")
+        return self._batches(RowPermutation(len(rows), seed), rows.start, batch_size, start_batch, normalise, device,
+                             dtype)
+
+    def _batches(self, permutation: RowPermutation, first_row: int, batch_size: int, start_batch: int,
+                 normalise: bool, device: Any, dtype: torch.dtype) -> Iterator[Tensor]:
+        k = start_batch
+        while True:
+            positions = np.arange(k * batch_size, (k + 1) * batch_size, dtype=np.uint64)
+            yield self._gather(first_row + permutation(positions), normalise, device, dtype)
+            k += 1
+
+    def rows(
+        self,
+        split: str = "eval",
+        *,
+        limit: int | None = None,
+        start: int = 0,
+        normalise: bool = True,
+        device: Any = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Float[Tensor, "row snapshot d_model"]:
+        """Rows of a split in order, from its `start`-th row, at most `limit` of them."""
+        a, b = row_bounds(self.split_rows(split), start, limit)
+        return self._slice(a, b, normalise, device, dtype)
+
+
+class TensorSource(RowSource):
+    """A `RowSource` over an in-memory tensor [row, snapshot, d_model].
+
+    The last round(n_rows · eval_fraction) rows (at least one unless eval_fraction is 0) form
+    the "eval" split, the rest "train", the rule the activation cache applies to its windows.
     """
 
     def __init__(
@@ -145,16 +328,10 @@ class TensorSource:
         steps = list(range(n_snapshots)) if steps is None else [int(s) for s in steps]
         require(len(steps) == n_snapshots, "steps", steps, f"one step per snapshot ({n_snapshots} of them)")
         require(len(set(steps)) == len(steps), "steps", steps, "distinct steps")
+        _, n_eval = held_out_split(n_rows, eval_fraction, "rows")
+        super().__init__(steps, d_model, n_rows, n_eval)
         self._data = activations.detach().cpu()
-        self.steps: list[int] = steps
-        self.n_snapshots: int = n_snapshots
-        self.d_model: int = d_model
         self.eval_fraction = float(eval_fraction)
-        self.n_tokens: int = n_rows
-        self.n_eval: int = int(math.ceil(n_rows * eval_fraction)) if eval_fraction > 0 else 0
-        self.n_train: int = n_rows - self.n_eval
-        if self.n_train < 1:
-            raise ParameterError(f"eval_fraction={eval_fraction} leaves no training rows out of {n_rows}")
         if _norm_factors is None:
             mean_norms = self._data.double().norm(dim=-1).mean(dim=0).numpy()
             if not np.all(np.isfinite(mean_norms)) or np.any(mean_norms <= 0):
@@ -164,13 +341,10 @@ class TensorSource:
         self.norm_factors: np.ndarray = np.asarray(_norm_factors, dtype=np.float64)
         self.mean_norms: np.ndarray = math.sqrt(d_model) / self.norm_factors
         self._fingerprint: str | None = None
-        self._normalised: Tensor | None = None
+        self._normalised_rows: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"TensorSource(rows={self.n_tokens}, steps={self.steps}, d_model={self.d_model})"
-
-    def __len__(self) -> int:
-        return self.n_tokens
 
     @property
     def fingerprint(self) -> str:
@@ -182,85 +356,29 @@ class TensorSource:
             self._fingerprint = digest.hexdigest()[:32]
         return self._fingerprint
 
-    def _split_range(self, split: str) -> range:
-        require_choice("split", split, SPLITS)
-        return {"train": range(0, self.n_train), "eval": range(self.n_train, self.n_tokens),
-                "all": range(self.n_tokens)}[split]
-
     def _finish(self, block: Tensor, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
         block = block.float()
         if normalise:
-            block = block * torch.as_tensor(self.norm_factors, dtype=torch.float32)[:, None]
+            block = self._normalised(block)
         return block.to(device=device, dtype=dtype)
 
     def _normalised_data(self) -> Tensor:
         """The rows scaled once (fp32), so a normalised batch is a single gather."""
-        if self._normalised is None:
-            self._normalised = self._finish(self._data, True, "cpu", torch.float32)
-        return self._normalised
+        if self._normalised_rows is None:
+            self._normalised_rows = self._finish(self._data, True, "cpu", torch.float32)
+        return self._normalised_rows
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        start_batch: int = 0,
-        split: str = "train",
-        normalise: bool = True,
-        device: Any = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> Iterator[Float[Tensor, "batch snapshot d_model"]]:
-        require(isinstance(batch_size, int) and batch_size > 0, "batch_size", batch_size, "a positive integer")
-        require(isinstance(start_batch, int) and start_batch >= 0, "start_batch", start_batch, "an integer >= 0")
-        require(isinstance(seed, int) and seed >= 0, "seed", seed, "an integer >= 0")
-        rows = self._split_range(split)
-        if len(rows) == 0:
-            raise ParameterError(f"split={split!r} has no rows in this source (eval_fraction=0); use split='train'")
-        return self._batches(rows, batch_size, seed, start_batch, normalise, device, dtype)
+    def _gather(self, rows: np.ndarray, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
+        index = torch.from_numpy(rows)
+        if normalise:  # (index_select: the same rows as [index], ~5x faster on CPU)
+            return self._normalised_data().index_select(0, index).to(device=device, dtype=dtype)
+        return self._finish(self._data.index_select(0, index), False, device, dtype)
 
-    def _batches(self, rows: range, batch_size: int, seed: int, start_batch: int, normalise, device, dtype):
-        n = len(rows)
-        epoch_cache: dict[int, Tensor] = {}
-
-        def permutation(epoch: int) -> Tensor:
-            if epoch not in epoch_cache:
-                epoch_cache.clear()  # keep at most two epochs' orders around
-                g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + epoch * 0xC2B2AE3D27D4EB4F + 1) % 2**63)
-                epoch_cache[epoch] = torch.randperm(n, generator=g) + rows.start
-            return epoch_cache[epoch]
-
-        k = start_batch
-        while True:
-            first, last = k * batch_size, (k + 1) * batch_size
-            parts = []
-            position = first
-            while position < last:
-                epoch, offset = divmod(position, n)
-                take = min(n - offset, last - position)
-                parts.append(permutation(epoch)[offset: offset + take])
-                position += take
-            index = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if normalise:  # (index_select: the same rows as [index], ~5x faster on CPU)
-                yield self._normalised_data().index_select(0, index).to(device=device, dtype=dtype)
-            else:
-                yield self._finish(self._data.index_select(0, index), False, device, dtype)
-            k += 1
-
-    def rows(
-        self,
-        split: str = "eval",
-        *,
-        limit: int | None = None,
-        start: int = 0,
-        normalise: bool = True,
-        device: Any = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> Float[Tensor, "row snapshot d_model"]:
-        a, b = row_bounds(self._split_range(split), start, limit)
-        return self._finish(self._data[a:b], normalise, device, dtype)
+    def _slice(self, start: int, stop: int, normalise: bool, device: Any, dtype: torch.dtype) -> Tensor:
+        return self._finish(self._data[start:stop], normalise, device, dtype)
 
     def select(self, steps: int | Sequence[int] | None = None, *, indices: Sequence[int] | None = None) -> "TensorSource":
-        positions = snapshot_positions(self.steps, steps, indices, "source")
+        positions = snapshot_positions(self.steps, steps, indices, self.noun)
         view = TensorSource.__new__(TensorSource)
         view.__dict__.update(self.__dict__)
         view._data = self._data[:, positions]
@@ -269,7 +387,7 @@ class TensorSource:
         view.norm_factors = self.norm_factors[positions]
         view.mean_norms = self.mean_norms[positions]
         view._fingerprint = None
-        view._normalised = None
+        view._normalised_rows = None
         return view
 
 

@@ -62,7 +62,7 @@ from crosslib.config import Config, ParameterError, require, require_fraction, r
 from crosslib.crosscoder import Crosscoder, CrosscoderConfig, model_fingerprint
 from crosslib.distributed import SINGLE_PROCESS, ShardingContext
 from crosslib.kernels import KernelOptions
-from crosslib.sources import source_fingerprint
+from crosslib.sources import ActivationSource, source_fingerprint
 
 CHECKPOINT_JSON = "checkpoint.json"
 # compile=None compiles when steps × batch × snapshots × features reaches this: eager kernels cost ~10 ns
@@ -190,7 +190,8 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------- helpers
 
-def _check_compatible(source: Any, config: CrosscoderConfig, parallel: ShardingContext = SINGLE_PROCESS) -> None:
+def _check_compatible(source: ActivationSource, config: CrosscoderConfig,
+                      parallel: ShardingContext = SINGLE_PROCESS) -> None:
     s_source = parallel.source_snapshots(source)
     if s_source != config.n_snapshots:
         raise ParameterError(f"n_snapshots={config.n_snapshots} (model) does not match the source's "
@@ -287,8 +288,9 @@ class MetricWindow:
 
 
 @torch.no_grad()
-def evaluate(model: Crosscoder, source: Any, *, split: str = "eval", limit: int | None = None, batch_size: int = 4096,
-             parallel: ShardingContext = SINGLE_PROCESS, device: Any = None, bf16: bool = False) -> dict[str, Any]:
+def evaluate(model: Crosscoder, source: ActivationSource, *, split: str = "eval", limit: int | None = None,
+             batch_size: int = 4096, parallel: ShardingContext = SINGLE_PROCESS, device: Any = None,
+             bf16: bool = False) -> dict[str, Any]:
     """Per-snapshot explained variance 1 − Σ‖x̂−x‖²/Σ‖x−x̄‖², L0 and dead fraction on a split's rows, and
     `firing_counts` [snapshot, feature]: on how many of those rows each feature fires at each snapshot
     (the evidence that a feature exists there; its decoder norm alone is not: see emergence.firing_norms)."""
@@ -368,8 +370,8 @@ def load_optimizer_tensors(model: Crosscoder, optimizer: torch.optim.Adam, tenso
 
 # ----------------------------------------------------------------------------------- checkpoints
 
-def _run_identity(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, init: Crosscoder | None,
-                  parallel: ShardingContext) -> dict[str, Any]:
+def _run_identity(source: ActivationSource, model_config: CrosscoderConfig, train_config: TrainConfig,
+                  init: Crosscoder | None, parallel: ShardingContext) -> dict[str, Any]:
     """What a run's checkpoints and finished files record, and a resumed run must match: configs, data, start."""
     return {"model": model_config.to_dict(), "train": train_config.to_dict(), "source": parallel.identify_source(source),
             "init": model_fingerprint(init) if init is not None else None}
@@ -407,7 +409,7 @@ def _remove_checkpoints(directory: Path) -> None:
 # ----------------------------------------------------------------------------------- training
 
 def train_crosscoder(
-    source: Any,
+    source: ActivationSource,
     model_config: CrosscoderConfig,
     train_config: TrainConfig | None = None,
     out_dir: str | os.PathLike | None = None,
@@ -451,7 +453,7 @@ def train_crosscoder(
 class _TrainingRun:
     """One call of `train_crosscoder`: what it trains on and with, and the state its steps share."""
 
-    source: Any
+    source: ActivationSource
     model_config: CrosscoderConfig  # the full model's
     train_config: TrainConfig
     out: Path | None  # the run's directory (checkpoints, then the artifact's files); None: nothing is written
@@ -479,7 +481,7 @@ class _TrainingRun:
         self.last_checkpoint = step
 
 
-def _check_arguments(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, *,
+def _check_arguments(source: ActivationSource, model_config: CrosscoderConfig, train_config: TrainConfig, *,
                      init: Crosscoder | None, parallel: ShardingContext, kernels: KernelOptions) -> None:
     """Refuse arguments of the wrong kind or shape, naming the parameter, before anything is built."""
     if not isinstance(model_config, CrosscoderConfig):
@@ -501,7 +503,7 @@ def _finished_result(out: Path, identity: dict[str, Any]) -> TrainResult:
     return load_result(out)
 
 
-def _build(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, out: Path | None,
+def _build(source: ActivationSource, model_config: CrosscoderConfig, train_config: TrainConfig, out: Path | None,
            identity: dict[str, Any], *, init: Crosscoder | None, device: Any, parallel: ShardingContext,
            kernels: KernelOptions) -> _TrainingRun:
     """Step 1: this process's share of the model, from `init`'s weights or the paper's initialisation with
@@ -687,7 +689,7 @@ class DictionaryKey(Config):
 
 
 def train_crosscoder_cached(
-    source: Any,
+    source: ActivationSource,
     model_config: CrosscoderConfig,
     train_config: TrainConfig | None = None,
     *,

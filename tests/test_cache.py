@@ -23,17 +23,11 @@ import pytest
 import torch
 
 from crosslib import cache as cache_module
+from crosslib import store as store_module
 from crosslib.artifacts import STAMP_FILE, ArtifactError
-from crosslib.cache import (
-    KIND,
-    ActivationStore,
-    CacheConfig,
-    CacheError,
-    RowPermutation,
-    build_store,
-    open_store,
-    store_path,
-)
+from crosslib.cache import CacheConfig, CacheError, build_store, store_path
+from crosslib.sources import RowPermutation
+from crosslib.store import KIND, ActivationStore, open_store
 from crosslib.config import ParameterError
 from crosslib.hooks import capture
 
@@ -488,6 +482,28 @@ def test_batches_are_deterministic_resumable_and_aligned(store):
     assert half.dtype == torch.bfloat16
 
 
+def test_a_tensor_source_over_the_same_rows_gives_the_same_batches(store):
+    """Split, shuffle and batching belong to RowSource: only where the rows live differs."""
+    from crosslib.sources import RowSource, TensorSource
+
+    raw = store.rows("all", normalise=False)
+    memory = TensorSource(raw, steps=store.steps, eval_fraction=store.config.eval_fraction,
+                          _norm_factors=store.norm_factors)
+    assert isinstance(memory, RowSource) and isinstance(store, RowSource)
+    for split in ("train", "eval", "all"):
+        assert memory.split_rows(split) == store.split_rows(split)
+        torch.testing.assert_close(memory.rows(split, start=3, limit=50), store.rows(split, start=3, limit=50),
+                                   rtol=0, atol=0)
+    for seed, split, start_batch, normalise in [(0, "train", 0, True), (3, "train", 11, False), (5, "eval", 2, True),
+                                                (1, "all", 4, True)]:
+        streams = [source.batches(64, seed=seed, split=split, start_batch=start_batch, normalise=normalise)
+                   for source in (memory, store)]
+        for _ in range(10):  # 640 rows > one epoch of either split
+            torch.testing.assert_close(next(streams[0]), next(streams[1]), rtol=0, atol=0)
+    views = memory.select(steps=[2, 0]), store.select(steps=[2, 0])
+    torch.testing.assert_close(next(views[0].batches(32, seed=7)), next(views[1].batches(32, seed=7)), rtol=0, atol=0)
+
+
 def test_normalisation_gives_mean_norm_sqrt_d(store):
     x = store.rows("all")
     norms = x.double().norm(dim=-1).mean(dim=0)
@@ -577,8 +593,8 @@ def test_store_is_hashed_once_then_opened_by_stamp_and_verify_command_rehashes(s
     (copy / STAMP_FILE).unlink(missing_ok=True)
     _age(copy)
     hashed = []
-    real_chunk_sha = cache_module._chunk_sha
-    monkeypatch.setattr(cache_module, "_chunk_sha", lambda *a: hashed.append(1) or real_chunk_sha(*a))
+    real_chunk_sha = store_module.chunk_sha256
+    monkeypatch.setattr(store_module, "chunk_sha256", lambda *a: hashed.append(1) or real_chunk_sha(*a))
     open_store(copy)
     first = len(hashed)
     assert first > 0  # the first open hashes every chunk
