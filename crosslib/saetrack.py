@@ -83,6 +83,7 @@ from crosslib.progress import progress as tqdm
 from crosslib.config import (Config, ParameterError, boolean, choice, fraction, integer, is_int, non_negative, positive,
                              positive_int, require, require_choice)
 from crosslib.crosscoder import ACTIVATIONS, SPARSITIES, Crosscoder, CrosscoderConfig
+from crosslib.sources import ActivationSource
 from crosslib.statistics import correlate
 from crosslib.train import (TrainConfig, TrainResult, check_finite, evaluate, search_decoder_norm, train_crosscoder,
                             train_crosscoder_cached)
@@ -229,15 +230,15 @@ def _eval_numbers(metrics: dict[str, Any]) -> dict[str, float]:
             "dead_fraction": float(metrics["dead_fraction"][0])}
 
 
-def _train(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig, *, init: Crosscoder | None,
-           cache: bool, root: Any, device: Any, progress: bool) -> TrainResult:
+def _train(source: ActivationSource, model_config: CrosscoderConfig, train_config: TrainConfig, *,
+           init: Crosscoder | None, cache: bool, root: Any, device: Any, progress: bool) -> TrainResult:
     if cache:
         return train_crosscoder_cached(source, model_config, train_config, init=init, root=root, device=device,
                                        progress=progress)
     return train_crosscoder(source, model_config, train_config, None, init=init, device=device, progress=progress)
 
 
-def _check_source(source: Any, minimum_snapshots: int = 1) -> None:
+def _check_source(source: ActivationSource, minimum_snapshots: int = 1) -> None:
     for name in ("steps", "n_snapshots", "d_model", "select", "rows", "batches"):
         if not hasattr(source, name):
             raise ParameterError(f"source={type(source).__name__} is not allowed: an ActivationSource "
@@ -249,7 +250,7 @@ def _check_source(source: Any, minimum_snapshots: int = 1) -> None:
 
 
 @torch.no_grad()
-def snapshot_rows_and_mean(source: Any, train_config: TrainConfig
+def snapshot_rows_and_mean(source: ActivationSource, train_config: TrainConfig
                            ) -> tuple[Float[Tensor, "row 1 d_model"], Float[Tensor, " d_model"]]:
     """The rows the trainer's decoder-norm search reads (same seed) and their mean, for one snapshot."""
     x = next(source.batches(train_config.init_search_rows, seed=train_config.seed + 1, device="cpu"))
@@ -269,7 +270,8 @@ def shift_biases(model: Crosscoder, shift: Float[Tensor, " d_model"]) -> Crossco
 
 
 @torch.no_grad()
-def centred_initialisation(source: Any, model_config: CrosscoderConfig, train_config: TrainConfig) -> Crosscoder:
+def centred_initialisation(source: ActivationSource, model_config: CrosscoderConfig,
+                           train_config: TrainConfig) -> Crosscoder:
     """The trainer's initialisation (random directions, W_E = W_Dᵀ, decoder norm of least MSE) fitted to
     the centred rows, then shifted onto the data mean: an SAE from scratch that starts centred."""
     x, mean = snapshot_rows_and_mean(source, train_config)
@@ -279,7 +281,7 @@ def centred_initialisation(source: Any, model_config: CrosscoderConfig, train_co
 
 
 def train_chain(
-    source: Any,
+    source: ActivationSource,
     config: SAETrackConfig = SAETrackConfig(),
     *,
     cache: bool = True,
@@ -320,7 +322,7 @@ def train_chain(
 
 
 def train_cold_saes(
-    source: Any,
+    source: ActivationSource,
     config: SAETrackConfig = SAETrackConfig(),
     *,
     snapshots: Sequence[int] | None = None,
@@ -347,7 +349,7 @@ def train_cold_saes(
 
 
 def warm_versus_cold(
-    source: Any,
+    source: ActivationSource,
     chain: SAETrackChain,
     *,
     cold: dict[int, TrainResult] | None = None,
@@ -489,7 +491,7 @@ def _saes_of(chain: SAETrackChain | Sequence[Crosscoder]) -> list[Crosscoder]:
 
 def formation_scores(
     chain: SAETrackChain | Sequence[Crosscoder],
-    source: Any,
+    source: ActivationSource,
     config: SAETrackConfig | None = None,
 ) -> FormationScores:
     """Formation-progress score [snapshot, feature] of every final-SAE feature (module docstring).
@@ -873,7 +875,7 @@ class SAETrackResult:
 
 
 def run_saetrack(
-    source: Any,
+    source: ActivationSource,
     config: SAETrackConfig = SAETrackConfig(),
     *,
     chain: SAETrackChain | None = None,
