@@ -16,7 +16,8 @@ Modules (imported on demand, so `import crosslib` stays fast), in data-flow orde
   train       crosscoder and SAE training
   distributed head-parallel (snapshot-sharded) and data-parallel training under torchrun
   saelens     export per-snapshot SAEs to sae-lens's on-disk format
-  emergence   when features form: trajectories, emergence, turning point, separability
+  emergence   when features form: trajectories, emergence, turning point
+  probes      linear-separability probes: is a bigger decoder norm a more readable feature?
   dashboards  feature dashboards (static HTML)
   complexity  feature complexity scoring (offline context depth, LLM rubric)
   crosslayer  statistics between features of adjacent layers, gates, graph

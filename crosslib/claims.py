@@ -400,7 +400,7 @@ def decoder_norm_tracks_separability(within_statistic: float, null_mean: float, 
                                      pooled_pearson: float) -> ClaimResult:
     """The decoder norm measures feature strength: within a feature, snapshots with a larger decoder norm
     make it more linearly separable, beyond the shared trend over training
-    (`crosslib.emergence.within_feature_rank_correlation`)."""
+    (`crosslib.probes.within_feature_rank_correlation`)."""
     if not _finite(within_statistic, p_value):
         verdict: Verdict = "no"
         reason = "not measurable: too few probed features"
@@ -606,7 +606,7 @@ def features_form_progressively(formed_fraction: float, formation_steps: Sequenc
 
     formation_steps: the formation step of every formed feature; median_progress: per checkpoint,
     the median over formed features of formation score / final score
-    (`crosslib.saetrack.formation_progress`).
+    (`crosslib.saetrack_analysis.formation_progress`).
     """
     steps = np.asarray(formation_steps, dtype=np.float64)
     steps = steps[np.isfinite(steps)]
@@ -635,8 +635,8 @@ def decoder_drift(median_cosine_to_final: Sequence[float] | np.ndarray,
     """Decoder directions drift, then settle on their final direction.
 
     median_cosine_to_final: per checkpoint, the median over features of the cosine to the final
-    direction (`crosslib.saetrack.drift_to_final`); median_link_change: per link k → k+1, the median
-    of 1 − cosine (`crosslib.saetrack.link_changes`). The noise floor is the mean change over the
+    direction (`crosslib.saetrack_analysis.drift_to_final`); median_link_change: per link k → k+1, the median
+    of 1 − cosine (`crosslib.saetrack_analysis.link_changes`). The noise floor is the mean change over the
     last third of the links (at least one).
     """
     cosine = np.asarray(median_cosine_to_final, dtype=np.float64)

@@ -23,8 +23,9 @@ from crosslib.corpus import CorpusConfig
 from crosslib.crosscoder import CrosscoderConfig
 from crosslib.crosslayer_statistics import CrossLayerConfig
 from crosslib.dynamics import DynamicsConfig, DynamicsKey
-from crosslib.emergence import EmergenceConfig, SeparabilityConfig
+from crosslib.emergence import EmergenceConfig
 from crosslib.explorer import ExplorerConfig, ExplorerKey
+from crosslib.probes import SeparabilityConfig
 from crosslib.saetrack import SAETrackConfig
 from crosslib.tasks import TaskConfig
 
