@@ -49,7 +49,8 @@ def run_cell(seed: int, variant: str, out: Path, preset: str) -> dict:
 
     torch.set_num_threads(1)
     from crosslib.dynamics import learning_dynamics, phase_summary
-    from crosslib.suite import SUITE_PRESETS, machine_description, train_suite
+    from crosslib.machine import machine_description
+    from crosslib.suite import SUITE_PRESETS, train_suite
 
     config = SUITE_PRESETS[preset].replace(seed=seed, bf16=VARIANTS[variant]["bf16"])
     start = time.perf_counter()

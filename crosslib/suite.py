@@ -14,7 +14,6 @@ The same notebooks accept a hub id (``"EleutherAI/pythia-160m-deduped"``) or any
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +31,7 @@ from crosslib.artifacts import atomic_write_json, atomic_write_text, build_artif
 from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
 from crosslib.constants import pythia_schedule
 from crosslib.corpus import CorpusConfig, load_corpus
+from crosslib.machine import machine_description
 from crosslib.snapshots import CHECKSUMS_FILE, check_distinct_snapshots, is_local_suite, list_steps, step_dir
 from crosslib.tokenizer import encode_documents, train_tokenizer
 
@@ -325,24 +325,6 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
         "precision": "bf16 autocast" if config.bf16 else "fp32",
         "machine": machine_description(),
     })
-
-
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (`/proc/cpuinfo`; empty where there is none)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def machine_description() -> dict[str, Any]:
-    """The CPU features that change a bf16 training run's numbers: ATen's kernel ISA, oneDNN's cap, AMX."""
-    flags = cpu_flags()
-    return {"aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
-            "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "threads": torch.get_num_threads()}
 
 
 def describe_training(suite: str | os.PathLike) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crosslib.suite import cpu_flags
+from crosslib.machine import cpu_flags
 
 HERE = Path(__file__).parent
 

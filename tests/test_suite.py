@@ -370,7 +370,8 @@ def test_duplicated_hub_revisions_are_found_from_the_cache_blob_ids(tmp_path, mo
 def test_suite_records_its_precision_and_cpu(tmp_path):
     import json
 
-    from crosslib.suite import describe_training, machine_description, suite_record
+    from crosslib.machine import machine_description
+    from crosslib.suite import describe_training, suite_record
 
     machine = machine_description()
     assert machine["aten_cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "ZVECTOR", "VSX", "NO AVX"} or machine["aten_cpu_capability"]
