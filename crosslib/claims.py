@@ -58,6 +58,13 @@ def tier(value: float, *, yes_from: float, partly_from: float) -> Verdict:
     return "yes" if value >= yes_from else "partly" if value >= partly_from else "no"
 
 
+def tier_share(share: float, *, yes_from: float, partly_from: float, of: str) -> tuple[Verdict, str]:
+    """`tier` of a share of `of` (e.g. "the live features"), with the reason that states the same
+    thresholds: "yes from 5% of the live features, partly from 1%"."""
+    verdict = tier(share, yes_from=yes_from, partly_from=partly_from)
+    return verdict, f"yes from {yes_from:.0%} of {of}, partly from {partly_from:.0%}"
+
+
 def _finite(*values: float | None) -> bool:
     return all(v is not None and math.isfinite(float(v)) for v in values)
 
@@ -329,13 +336,12 @@ RECOVERY_MIN = 0.1
 def initialisation_features(initialisation_fraction: float, n_live: int) -> ClaimResult:
     """Some features are strong at initialisation and then fade (share of the live features)."""
     f = initialisation_fraction
-    verdict = tier(f, yes_from=INIT_FEATURES_YES, partly_from=INIT_FEATURES_PARTLY)
+    verdict, reason = tier_share(f, yes_from=INIT_FEATURES_YES, partly_from=INIT_FEATURES_PARTLY, of="the live features")
     return ClaimResult(
         "Some features are strong at initialisation and then fade",
         "a band of initialisation features that fade early (Fig. 4)",
         f"{100 * f:.1f}% of {n_live} live features",
-        verdict,
-        f"yes from {INIT_FEATURES_YES:.0%} of the live features, partly from {INIT_FEATURES_PARTLY:.0%}",
+        verdict, reason,
     )
 
 
@@ -683,12 +689,13 @@ MIN_SPANNING_COMMUNITIES = 2
 def features_pass_through(mean_pass_through_fraction: float, pass_through: float) -> ClaimResult:
     """Many features pass through to the next layer (best next-layer correlation ≥ pass_through)."""
     f = mean_pass_through_fraction
-    verdict = tier(f, yes_from=PASS_THROUGH_MANY, partly_from=PASS_THROUGH_SOME)
+    verdict, reason = tier_share(f, yes_from=PASS_THROUGH_MANY, partly_from=PASS_THROUGH_SOME,
+                                 of="a layer's live features")
     return ClaimResult(
         f"Many features pass through to the next layer (best correlation ≥ {pass_through:g})",
         "many residual-stream features pass through unchanged",
         f"mean pass-through fraction {f:.0%}",
-        verdict, f"yes from {PASS_THROUGH_MANY:.0%} of a layer's live features, partly from {PASS_THROUGH_SOME:.0%}",
+        verdict, reason,
     )
 
 
