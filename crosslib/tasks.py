@@ -346,6 +346,18 @@ def _keep_single_tokens(words: Sequence[str], tokenizer: Any, config: TaskConfig
     return kept
 
 
+def _require_enough_words(task: str, usable: Sequence[Any], candidates: str, tokenizer: Any, config: TaskConfig,
+                          why: str = "") -> None:
+    """Raise `TaskError` (the task is unavailable for this tokenizer) unless at least `config.min_words`
+    words are usable, and never fewer than 2: every prompt draws two different ones.
+    `candidates` says how many there were and what made one usable."""
+    needed = max(2, config.min_words)
+    if len(usable) < needed:
+        raise TaskError(
+            f"the {task} task is not available with tokenizer {tokenizer_name(tokenizer)}: only {len(usable)} of "
+            f"{candidates} ({usable}); it needs at least min_words={needed}{why}")
+
+
 def _check_template(template: str, placeholders: tuple[str, ...], parameter: str) -> None:
     import string
 
@@ -474,11 +486,8 @@ def agreement_task(tokenizer: Any, config: TaskConfig = TaskConfig(), *,
                         f"the verb pairs {list(verbs)} has both forms as single tokens ({sorted(dropped.values())})")
     noun_ids = _keep_single_tokens([n for pair in nouns for n in pair], tokenizer, config, "noun", dropped)
     noun_pairs = [pair for pair in nouns if pair[0] in noun_ids and pair[1] in noun_ids]
-    if len(noun_pairs) < max(2, config.min_words):
-        raise TaskError(
-            f"the agreement task is not available with tokenizer {tokenizer_name(tokenizer)}: only {len(noun_pairs)} "
-            f"of {len(nouns)} noun pairs have both forms as single tokens ({noun_pairs}); it needs at least "
-            f"min_words={max(2, config.min_words)}")
+    _require_enough_words("agreement", noun_pairs, f"{len(nouns)} noun pairs have both forms as single tokens",
+                          tokenizer, config)
 
     def draw(rng: np.random.Generator):
         template = templates[rng.integers(len(templates))]
@@ -508,11 +517,8 @@ def ioi_task(tokenizer: Any, config: TaskConfig = TaskConfig(), *, names: Sequen
     dropped: dict[str, str] = {}
     name_ids = _keep_single_tokens(names, tokenizer, config, "name", dropped)
     usable = list(name_ids)
-    if len(usable) < max(2, config.min_words):
-        raise TaskError(
-            f"the IOI task is not available with tokenizer {tokenizer_name(tokenizer)}: only {len(usable)} of "
-            f"{len(names)} candidate names are single tokens ({usable}); it needs at least "
-            f"min_words={max(2, config.min_words)} (a multi-token name would make the answer more than one token)")
+    _require_enough_words("IOI", usable, f"{len(names)} candidate names are single tokens", tokenizer, config,
+                          why=" (a multi-token name would make the answer more than one token)")
 
     def draw(rng: np.random.Generator):
         template = templates[rng.integers(len(templates))]
