@@ -29,6 +29,15 @@ def _model(S=3, d=8, F=16, seed=1, kernels=KernelOptions(), **kw) -> Crosscoder:
     return m
 
 
+def _loss_and_grads(m: Crosscoder, x: torch.Tensor, *, sparsity_coefficient: float = 0.7, bf16: bool = False):
+    """One forward and backward pass with the model's current kernels: its output and every parameter's gradient."""
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = m(x, sparsity_coefficient=sparsity_coefficient)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
 # ----------------------------------------------------------------------------------- configs
 
 @pytest.mark.parametrize("field, value, names", [
@@ -108,14 +117,10 @@ def test_fused_kernel_equals_the_written_out_math(independent):
     """JumpReLUTanh computes JumpReLU + Σ tanh(c f‖W_D‖) exactly, with the same gradients."""
     m = _model(independent=independent)
     x = torch.randn(37, 3, 8, generator=torch.Generator().manual_seed(3))
-    results = {}
-    for fused in (True, False):
-        m.kernels = KernelOptions(fused=fused)
-        m.zero_grad()
-        out = m(x, sparsity_coefficient=0.7)
-        out.loss.backward()
-        results[fused] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
-    (a, ga), (b, gb) = results[True], results[False]
+    m.kernels = KernelOptions(fused=True)
+    a, ga = _loss_and_grads(m, x)
+    m.kernels = KernelOptions(fused=False)
+    b, gb = _loss_and_grads(m, x)
     assert torch.allclose(a.loss, b.loss, rtol=1e-6)
     assert torch.equal(a.features, b.features) and torch.equal(a.active, b.active)
     for name in ga:
@@ -327,15 +332,11 @@ def test_compiled_kernels_equal_the_eager_ones():
     """The default fast path (torch.compile of the fused kernels) computes the same values and gradients."""
     m = _model(S=2, d=8, F=16)
     x = torch.randn(24, 2, 8, generator=torch.Generator().manual_seed(8))
-    results = {}
-    for compiled in (False, True):
-        m.kernels = KernelOptions(compiled=compiled)
-        m.zero_grad()
-        out = m(x, sparsity_coefficient=0.5)
-        out.loss.backward()
-        results[compiled] = (out, {n: p.grad.clone() for n, p in m.named_parameters()})
+    m.kernels = KernelOptions(compiled=False)
+    b, gb = _loss_and_grads(m, x, sparsity_coefficient=0.5)
+    m.kernels = KernelOptions(compiled=True)
+    a, ga = _loss_and_grads(m, x, sparsity_coefficient=0.5)
     assert not kernel_module._COMPILE_FAILED, kernel_module._COMPILE_FAILED  # it really compiled (a C++ compiler is available)
-    (a, ga), (b, gb) = results[True], results[False]
     assert torch.allclose(a.loss, b.loss, rtol=1e-5) and torch.equal(a.active, b.active)
     assert torch.allclose(a.features, b.features, atol=1e-6)
     for name in ga:
@@ -343,14 +344,6 @@ def test_compiled_kernels_equal_the_eager_ones():
 
 
 # ----------------------------------------------------------------------------------- sparse products
-
-def _loss_and_grads(m: Crosscoder, x: torch.Tensor, *, bf16: bool = False):
-    m.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = m(x, sparsity_coefficient=0.7)
-    out.loss.backward()
-    return out, {n: p.grad.clone() for n, p in m.named_parameters()}
-
 
 def _count_sparse_steps(monkeypatch) -> list[int]:
     calls, original = [], ActivePattern.of
