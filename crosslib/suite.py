@@ -37,6 +37,7 @@ from crosslib.tokenizer import encode_documents, train_tokenizer
 
 SUITE_FILE = "suite.json"
 REPEAT_MODES = ("random-tokens", "random-span", "second-half")
+PERIOD_SPACINGS = ("log", "linear")
 LOG_FILE = "training_log.jsonl"
 STATE_DIR = "train_state"
 TOKENIZER_DIR = "tokenizer"
@@ -68,14 +69,17 @@ class SuiteConfig(Config):
     # induction head within a laptop budget (see chapter 1).
     repeat_fraction: float = 0.5
     # "random-tokens" (default): from a random place to the end of the window, a random sequence of
-    #     frequent tokens (a period of ctx/32 to `repeat_period_max` × ctx tokens) repeats at least twice;
+    #     frequent tokens (a period of ctx/32 to `repeat_period_max` × ctx tokens, log-uniform) repeats at
+    #     least twice;
     # "random-span": a span of the text (1/8 to 1/2 of the window) copied to a random later place;
     # "second-half": the second half repeats the first (a fixed distance: teaches positional copying).
     repeat_mode: str = "random-tokens"
     # "random-tokens" draws from this many most frequent tokens of the training split.
     repeat_vocab: int = 256
-    # The longest "random-tokens" period as a share of the context (see `repeat_periods`).
+    # The longest "random-tokens" period as a share of the context, and how periods are drawn between
+    # the shortest and it: "log" (log-uniform: as many periods of 4-8 tokens as of 32-64) or "linear".
     repeat_period_max: float = 0.5
+    repeat_period_spacing: str = "log"
     # Checkpoints: 0, 1, 2, 4, ..., 512, then every `linear_every` steps (Pythia's schedule).
     linear_every: int = 250
     checkpoint_every: int = 100  # resumable training state, independent of the snapshots
@@ -92,6 +96,7 @@ class SuiteConfig(Config):
         require(self.context_length % 2 == 0, "context_length", self.context_length, "an even number")
         require(0 <= self.repeat_fraction <= 1, "repeat_fraction", self.repeat_fraction, "a number in [0, 1]")
         require_choice("repeat_mode", self.repeat_mode, REPEAT_MODES)
+        require_choice("repeat_period_spacing", self.repeat_period_spacing, PERIOD_SPACINGS)
         require(isinstance(self.repeat_vocab, int) and 2 <= self.repeat_vocab <= self.vocab_size, "repeat_vocab",
                 self.repeat_vocab, f"an integer in 2..vocab_size={self.vocab_size}")
         require_fraction("rotary_pct", self.rotary_pct, open_interval=False)
@@ -151,10 +156,12 @@ def frequent_tokens(tokens: np.ndarray, n: int) -> np.ndarray:
 def repeat_periods(config: SuiteConfig) -> tuple[int, int]:
     """The shortest and longest period of a "random-tokens" repeat: ctx/32 to `repeat_period_max` × ctx tokens.
 
-    Long periods matter: with periods only up to ctx/8 (our first default), a model can learn to copy from a few short
-    distances instead of looking up the previous occurrence of the current token, and that shortcut
-    fails on longer repeats (chapter 1's induction test repeats ctx/4 tokens). Which of the two a run
-    learnt depended on the seed and on the CPU's bf16 rounding.
+    Both ends matter (each measured on the tiny suite). With periods up to ctx/8 only (our first
+    default), the induction score dipped below zero just before induction formed, as if the model first
+    learnt to copy from short distances, which fails on chapter 1's longer test repeats (ctx/4 tokens);
+    on an AMX CPU one run stayed there (-2.5 nats at step 2000). With periods drawn uniformly up to
+    ctx/2, no induction head formed in 2000 steps (two seeds): short repeats with many copies are
+    what starts it. Log-uniform periods (`repeat_period_spacing="log"`) keep both.
     """
     ctx = config.context_length
     shortest = max(2, ctx // 32)
@@ -186,7 +193,10 @@ def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig, pool: np.
     if config.repeat_mode == "random-tokens":
         pool = frequent_tokens(tokens, config.repeat_vocab) if pool is None else pool
         shortest, longest = repeat_periods(config)
-        periods = rng.integers(shortest, longest + 1, size=n)
+        if config.repeat_period_spacing == "log":
+            periods = np.exp(rng.uniform(np.log(shortest), np.log(longest + 1), size=n)).astype(np.int64)
+        else:
+            periods = rng.integers(shortest, longest + 1, size=n)
         begin = (rng.random(n) * (ctx - 2 * periods + 1)).clip(0).astype(np.int64)  # at least 2 periods fit
         motifs = pool[rng.integers(0, len(pool), size=(n, ctx))]
         for row in np.flatnonzero(repeated):

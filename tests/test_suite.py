@@ -150,6 +150,13 @@ def test_random_token_repeats_vary_their_period_and_use_frequent_tokens(text_cor
     assert (shortest, longest) == (2, 32)  # 64 // 32 to 64 // 2 tokens
     assert min(periods) >= 1 and max(periods) <= longest
     assert max(periods) > 64 // 4  # long repeats too, as long as chapter 1's induction test (ctx/4)
+    # log-uniform by default: about half the periods are short (<= 8 of 2..32 tokens); linear spacing: a quarter
+    for spacing, low, high in (("log", 0.4, 0.7), ("linear", 0.1, 0.35)):
+        spaced = config.replace(repeat_period_spacing=spacing, repeat_fraction=1.0)
+        tails = [row[int((row < 8).argmax()):] for step in range(20)
+                 for row in training_batch(tokens, step, spaced, pool).numpy()]
+        drawn = [next(p for p in range(1, len(t)) if np.array_equal(t[p:], t[:-p])) for t in tails]
+        assert low < np.mean(np.array(drawn) <= 8) < high, spacing
     # without a precomputed pool, the repeat_vocab most frequent tokens of the stream are used
     skewed = np.concatenate([tokens, np.repeat(np.arange(990, 998), 3)]).astype(np.uint16)
     assert sorted(frequent_tokens(skewed, 8)) == list(range(990, 998))
