@@ -484,6 +484,7 @@ def execute_chapter(plan: ChapterPlan, out_dir: Path, preset: str, log: Log = pr
         seconds = time.perf_counter() - start
         nb = nbformat.read(str(tmp), as_version=4)
         scrub_outputs(nb)
+        collapse_injected_parameters(nb)
         nb.metadata["crosslib"] = {
             "run_key": plan.key,
             "notebook_hash": plan.notebook_hash,
@@ -534,6 +535,15 @@ def scrub_outputs(nb: Any) -> None:
                     output["data"][mime] = clean(output["data"][mime])
             kept.append(output)
         cell["outputs"] = kept
+
+
+def collapse_injected_parameters(nb: Any) -> None:
+    """Collapse the cell papermill adds with a run's parameters (tag `injected-parameters`) behind a
+    toggle, as the chapters' other plumbing is: the page shows the chapter's own `parameters` cell."""
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            cell.setdefault("metadata", {})["tags"] = [*tags, "hide-input"]
 
 
 _STALE_TMP = re.compile(r"^\..+\.\d+\.tmp\.ipynb$")

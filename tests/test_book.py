@@ -488,3 +488,20 @@ def test_heartbeat_says_a_silent_chapter_is_alive(tmp_path):
 
         time.sleep(1.6)
     assert any(line.startswith("  07_quiet: running, ") for line in lines), lines
+
+
+def test_the_injected_parameters_cell_is_collapsed():
+    import nbformat
+
+    from crosslib.book import collapse_injected_parameters
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 2", metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("print(x)"),
+    ])
+    collapse_injected_parameters(nb)
+    assert [c.metadata.get("tags", []) for c in nb.cells] == [
+        ["parameters"], ["injected-parameters", "hide-input"], []]
+    collapse_injected_parameters(nb)  # idempotent
+    assert nb.cells[1].metadata["tags"] == ["injected-parameters", "hide-input"]
