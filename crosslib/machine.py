@@ -3,12 +3,13 @@
 bf16 matmuls are fast only where the CPU multiplies bf16 natively (AVX-512-BF16 or AMX). Elsewhere
 oneDNN emulates them, and a bf16 training step was 7× (crosscoder) to 12× (suite) slower than the
 same step in fp32 on an AVX2-capped run of the developers' machine. So the chapters train their
-dictionaries in bf16 only where `native_bf16()` says so, and the snapshot suite always in fp32.
+dictionaries in bf16 only where `native_bf16()` says so, and the snapshot suite in fp32 by default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,17 @@ NATIVE_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "
                     "ALL")
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (`/proc/cpuinfo`; empty where there is none)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (`/proc/cpuinfo`, read once per process; empty where there is none)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
-def native_bf16(flags: set[str] | None = None, onednn_max_cpu_isa: str | None = None) -> bool:
+def native_bf16(flags: frozenset[str] | set[str] | None = None, onednn_max_cpu_isa: str | None = None) -> bool:
     """Whether bf16 matmuls run natively here: the CPU has AVX-512-BF16 or AMX, and oneDNN is not capped
     below them (`ONEDNN_MAX_CPU_ISA`; arguments default to this machine and this process's environment)."""
     flags = cpu_flags() if flags is None else flags
