@@ -38,7 +38,7 @@ test: setup
 ## check-suite: train the tiny suite under this CPU's kernels and capped at AVX2 (~25 min) and check that
 ## an induction head forms in both (slow, so not part of `make test`)
 check-suite: setup
-	$(BIN)/python -m pytest -m check_suite tests/test_suite_robustness.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m check_suite tests/models/test_suite_robustness.py $(PYTEST_ARGS)
 
 ## clean-book: remove the executed chapters and the built HTML (not the data/ cache)
 clean-book:

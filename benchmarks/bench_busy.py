@@ -6,13 +6,13 @@ process takes a core, at 1 and 2 torch threads and with OpenMP's default and pas
 
 Stages, each a short slice of what the first build does (sizes are options):
 
-* suite       training steps of the tiny preset's model (`crosslib.suite.SUITE_PRESETS["tiny"]`: its
+* suite       training steps of the tiny preset's model (`crosslib.models.suite.SUITE_PRESETS["tiny"]`: its
               GPT-NeoX config, `training_batch` over a random token stream, AdamW, gradient clipping),
               at the preset's precision (fp32);
-* cache       `crosslib.cache.build_store` of a few random snapshots of the tiny shape (benchmarks/
+* cache       `crosslib.activations.cache.build_store` of a few random snapshots of the tiny shape (benchmarks/
               bench_cache.py's random suite), at the chapters' hook, from start to finish;
-* crosscoder  `crosslib.train.train_crosscoder` steps at the chapters' shape (S = the tiny suite's 19
-              snapshots, d = 128, F = 512, batch 1024, λ 0.3: `crosslib.book_defaults`), bf16 where
+* crosscoder  `crosslib.dictionaries.train.train_crosscoder` steps at the chapters' shape (S = the tiny suite's 19
+              snapshots, d = 128, F = 512, batch 1024, λ 0.3: `crosslib.book.defaults`), bf16 where
               `crosslib.machine.native_bf16()` says so, compiled where the chapters' 600-step run would
               be; on benchmarks/bench_train.py's planted activations, step time only (its Clock).
 
@@ -135,12 +135,12 @@ def competitors(count: int):
 # -- the stages (each returns a function that runs one measurement and returns its seconds) ------
 
 def suite_stage(args):
-    """Training steps of the tiny preset's model, as crosslib.suite trains it."""
+    """Training steps of the tiny preset's model, as crosslib.models.suite trains it."""
     import numpy as np
     import torch
     from transformers import GPTNeoXForCausalLM
 
-    from crosslib.suite import SUITE_PRESETS, _param_groups, frequent_tokens, training_batch
+    from crosslib.models.suite import SUITE_PRESETS, _param_groups, frequent_tokens, training_batch
 
     config = SUITE_PRESETS["tiny"]
     torch.manual_seed(config.seed)
@@ -174,8 +174,8 @@ def cache_stage(args):
     import numpy as np
     from bench_cache import TINY_SHAPE
 
-    from crosslib import book_defaults
-    from crosslib.cache import CacheConfig, build_store
+    from crosslib.activations.cache import CacheConfig, build_store
+    from crosslib.book import defaults as book_defaults
 
     config = CacheConfig(suite=args.random_suite, steps=tuple(range(args.cache_snapshots)), hook=book_defaults.hook)
     windows = np.random.default_rng(0).integers(
@@ -195,11 +195,11 @@ def crosscoder_stage(args):
     """`train_crosscoder` steps at the chapters' shape; the time of the steps after the first."""
     from bench_train import ClockedSource, planted_source
 
-    from crosslib import book_defaults
-    from crosslib.crosscoder import CrosscoderConfig
+    from crosslib.book import defaults as book_defaults
+    from crosslib.dictionaries.crosscoder import CrosscoderConfig
+    from crosslib.dictionaries.train import TrainConfig, train_crosscoder
     from crosslib.machine import native_bf16
-    from crosslib.suite import SUITE_PRESETS
-    from crosslib.train import TrainConfig, train_crosscoder
+    from crosslib.models.suite import SUITE_PRESETS
 
     tiny = SUITE_PRESETS["tiny"]
     model_config = CrosscoderConfig(n_snapshots=len(tiny.steps), d_model=tiny.d_model,

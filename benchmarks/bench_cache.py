@@ -5,14 +5,14 @@
 
 Measures, on one snapshot, the same token windows and the same batch size:
 
-* cache      `crosslib.cache.build_store`, end to end: load the checkpoint, run it up to the hook,
+* cache      `crosslib.activations.cache.build_store`, end to end: load the checkpoint, run it up to the hook,
              convert, checksum and write the store (tokens/s);
 * forward    a plain `transformers` full forward pass (logits) over the same batches;
 * reference  TransformerLens on the same weights: ``run_with_cache(tokens, names_filter=[hook])``,
              its standard caching call (a full forward that keeps only the hook); also the call
              sae-lens's ActivationsStore makes, which adds ``stop_at_layer=L + 1`` (printed as
              ``cache_vs_saelens_style``);
-* the two ways `crosslib.hooks.capture` stops early (own modules vs. an exception from a hook),
+* the two ways `crosslib.models.hooks.capture` stops early (own modules vs. an exception from a hook),
   and bf16 autocast against fp32 (speed and relative error);
 * peak RSS (VmHWM) of building stores of two sizes, each in a fresh subprocess, and the anonymous
   memory (RssAnon) of streaming batches from each (the memory map's pages are page cache,
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-TINY_SHAPE = dict(  # the tiny preset's shape (crosslib.suite.SUITE_PRESETS["tiny"])
+TINY_SHAPE = dict(  # the tiny preset's shape (crosslib.models.suite.SUITE_PRESETS["tiny"])
     vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
     max_position_embeddings=128, rotary_pct=0.25, use_parallel_residual=True,
 )
@@ -101,7 +101,7 @@ def _status(field: str) -> float:
 
 def rss_child(args) -> None:
     """Build a store of --tokens tokens in a temp root, then stream batches; report memory."""
-    from crosslib.cache import CacheConfig, build_store
+    from crosslib.activations.cache import CacheConfig, build_store
 
     torch.set_num_threads(args.threads)
     model_config = json.loads((Path(args.suite) / f"step{args.step}" / "config.json").read_text())
@@ -139,9 +139,9 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args)
 
-    from crosslib.cache import CacheConfig, build_store
-    from crosslib.hooks import capture, parse_hook
-    from crosslib.snapshots import list_steps, load_snapshot
+    from crosslib.activations.cache import CacheConfig, build_store
+    from crosslib.models.hooks import capture, parse_hook
+    from crosslib.models.snapshots import list_steps, load_snapshot
 
     torch.set_num_threads(args.threads)
     workdir = tempfile.TemporaryDirectory(dir=args.tmp)

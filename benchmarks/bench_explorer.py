@@ -6,7 +6,7 @@
 For each size it builds a random JumpReLU crosscoder over S = 8 snapshots (d_model = 32, random
 decoder-norm trajectories that form at random snapshots, about 2% of positions active) and a
 synthetic held-out store (256 windows × 32 tokens over a vocabulary of 2,000 made-up words), runs
-`crosslib.explorer.prepare_explorer` on it (the real code path: top contexts, context-depth
+`crosslib.analyses.explorer.prepare_explorer` on it (the real code path: top contexts, context-depth
 scores, search index, shards), writes the page, and opens it from disk (file://) in headless
 Chromium. It reports:
 
@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from crosslib import explorer  # noqa: E402
+from crosslib.analyses import explorer  # noqa: E402
 from crosslib.config import content_hash  # noqa: E402
-from crosslib.crosscoder import Crosscoder, CrosscoderConfig  # noqa: E402
+from crosslib.dictionaries.crosscoder import Crosscoder, CrosscoderConfig  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -1,10 +1,10 @@
-"""The separability probe (`crosslib.probes.fit_logistic_probes`) against scikit-learn's
+"""The separability probe (`crosslib.analyses.probes.fit_logistic_probes`) against scikit-learn's
 `LogisticRegression`, side by side on the sizes chapter 3 probes.
 
     .venv/bin/python benchmarks/bench_probe.py              # ~15 s on 2 busy cores
     .venv/bin/python benchmarks/bench_probe.py --repeats 1
 
-Chapter 3 calls `crosslib.probes.separability` with `SeparabilityConfig(n_features=32)`: for each of
+Chapter 3 calls `crosslib.analyses.probes.separability` with `SeparabilityConfig(n_features=32)`: for each of
 32 features, 100 active and 100 inactive positions to fit (samples_per_class=200, train_fraction=0.5)
 and as many held out, one probe per snapshot of the tiny suite (19 snapshots, d_model = 128), an L2
 penalty of 1e-2 on standardised inputs and at most 100 L-BFGS iterations. Those sizes are read from
@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crosslib.probes import SeparabilityConfig, auc_per_row, fit_logistic_probes  # noqa: E402
-from crosslib.suite import SUITE_PRESETS, pythia_schedule  # noqa: E402
+from crosslib.analyses.probes import SeparabilityConfig, auc_per_row, fit_logistic_probes  # noqa: E402
+from crosslib.models.suite import SUITE_PRESETS, pythia_schedule  # noqa: E402
 
 
 def planted_probes(n_features: int, n_snapshots: int, per_class: int, d_model: int, seed: int) -> np.ndarray:

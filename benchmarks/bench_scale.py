@@ -60,9 +60,9 @@ def build_suite(folder: Path) -> Path:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from crosslib.corpus import CorpusConfig, load_corpus
-    from crosslib.snapshots import step_dir
-    from crosslib.tokenizer import train_tokenizer
+    from crosslib.models.snapshots import step_dir
+    from crosslib.text.corpus import CorpusConfig, load_corpus
+    from crosslib.text.tokenizer import train_tokenizer
 
     if all((step_dir(folder, step) / "config.json").is_file() for step in STEPS) and (folder / "tokenizer").is_dir():
         return folder
@@ -76,7 +76,7 @@ def build_suite(folder: Path) -> Path:
 
 def cache_rss_child(suite: str, n_tokens: int) -> None:
     """In a fresh process: cache `n_tokens` at one snapshot and print the peak RSS."""
-    from crosslib.pipeline import activation_store
+    from crosslib.book.pipeline import activation_store
 
     activation_store(suite, HOOK, [STEPS[-1]], n_tokens=n_tokens, seed=7, progress=False)
     print(json.dumps({"peak_rss": peak_rss_bytes()}))
@@ -117,11 +117,11 @@ def main() -> None:
 
     import torch
 
-    from crosslib.crosscoder import CrosscoderConfig
-    from crosslib.pipeline import activation_store
-    from crosslib.snapshots import load_snapshot
-    from crosslib.suite import suite_token_streams, token_windows
-    from crosslib.train import TrainConfig, train_crosscoder
+    from crosslib.book.pipeline import activation_store
+    from crosslib.dictionaries.crosscoder import CrosscoderConfig
+    from crosslib.dictionaries.train import TrainConfig, train_crosscoder
+    from crosslib.models.snapshots import load_snapshot
+    from crosslib.models.suite import suite_token_streams, token_windows
 
     t0 = time.perf_counter()
     build_suite(suite)
@@ -171,7 +171,7 @@ def main() -> None:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     speeds = {}
     for nproc in (1, 2):
-        command = [torchrun, "--nproc_per_node", str(nproc), "-m", "crosslib.distributed", "--source", str(store.path),
+        command = [torchrun, "--nproc_per_node", str(nproc), "-m", "crosslib.dictionaries.distributed", "--source", str(store.path),
                    "--model", json.dumps({"dict_size": 4096}), "--heads", str(nproc), "--backend", "gloo",
                    "--no-progress", "--train", json.dumps({"n_steps": 20, "batch_size": 1024, "eval_rows": 0,
                                                            "init_norm_grid": [0.1], "init_search_rows": 1024,

@@ -9,7 +9,7 @@ Data: synthetic activations made of planted sparse features (each row is 32 of 1
 with exponential magnitudes, plus noise; per-snapshot directions are perturbed copies of shared ones),
 normalised like real activations. Our speed depends on how sparse the SAE is: once few features fire,
 training runs the decoder and the W_E/W_D gradients over the active positions only (see
-crosslib.kernels, "sparse products"). So our SAE is timed where a real run spends its steps,
+crosslib.dictionaries.kernels, "sparse products"). So our SAE is timed where a real run spends its steps,
 after it has settled: each run trains `warm` steps and the last `timed` steps are clocked, and the L0
 and explained variance printed are those of the timed steps (low: 200 steps is far from converged,
 which does not matter for speed). The sparsity coefficient λ sets the L0; the headline uses λ = 1,
@@ -25,7 +25,7 @@ libraries, but when other jobs share the cores a second OpenMP thread mostly wai
 steps run 2-3x slower. Use --threads 0 (torch's default) on a quiet machine.
 
 Every number comes from whole training loops over an iterator of in-memory activation batches:
-ours through `crosslib.train.train_crosscoder` (data gather, NaN check, forward, backward, Adam,
+ours through `crosslib.dictionaries.train.train_crosscoder` (data gather, NaN check, forward, backward, Adam,
 metrics), sae-lens's through `SAETrainer.fit` on the same batches. A step's time is the interval
 between two requests for a batch (the same clock for both); we print the median step and the
 fastest step (least disturbed by other processes on a shared machine). Headline lines:
@@ -63,11 +63,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crosslib.crosscoder import CrosscoderConfig  # noqa: E402
-from crosslib.kernels import KernelOptions  # noqa: E402
+from crosslib.activations.sources import TensorSource  # noqa: E402
+from crosslib.dictionaries.crosscoder import CrosscoderConfig  # noqa: E402
+from crosslib.dictionaries.kernels import KernelOptions  # noqa: E402
+from crosslib.dictionaries.train import TrainConfig, train_crosscoder  # noqa: E402
 from crosslib.runtime import configure_process  # noqa: E402
-from crosslib.sources import TensorSource  # noqa: E402
-from crosslib.train import TrainConfig, train_crosscoder  # noqa: E402
 
 D, F, B = 128, 2048, 2048
 TINY_DICT_SIZE = 512  # the tiny preset's dictionaries (its d_model is 128 too)

@@ -10,7 +10,7 @@ precision and a cap on the CPU kernels' instruction set:
                  instructions a step takes ~12x longer (6.2 s instead of 0.50 s on one core here)
 
 and records, per run: the final held-out loss, the first snapshot whose induction score exceeds
-`crosslib.dynamics.INDUCTION_ON_NATS`, the final induction score and the unigram/bigram
+`crosslib.analyses.dynamics.INDUCTION_ON_NATS`, the final induction score and the unigram/bigram
 saturation steps. Each cell runs in its own process (the ISA cap must be set before torch
 starts) with one thread and its own data directory; `--jobs 2` runs two at once. A cell whose
 result file exists is skipped, so a killed grid resumes. The summary JSON is what chapter 1
@@ -48,9 +48,9 @@ def run_cell(seed: int, variant: str, out: Path, preset: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from crosslib.dynamics import learning_dynamics, phase_summary
+    from crosslib.analyses.dynamics import learning_dynamics, phase_summary
     from crosslib.machine import machine_description
-    from crosslib.suite import SUITE_PRESETS, train_suite
+    from crosslib.models.suite import SUITE_PRESETS, train_suite
 
     config = SUITE_PRESETS[preset].replace(seed=seed, bf16=VARIANTS[variant]["bf16"])
     start = time.perf_counter()

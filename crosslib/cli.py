@@ -20,7 +20,7 @@ from typing import Sequence
 from crosslib.runtime import configure_process
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "book": ("crosslib.book", "execute the chapter notebooks (papermill) and build the HTML book"),
+    "book": ("crosslib.book.runner", "execute the chapter notebooks (papermill) and build the HTML book"),
     "fetch": ("crosslib.fetch", "download once what the default book needs (Brown corpus, MathJax)"),
     "verify": ("crosslib.verify", "re-hash every artifact under the data directory (or the given ones) against its checksums"),
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from crosslib.corpus import REGISTRY_CORPORA
+from crosslib.text.corpus import REGISTRY_CORPORA
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,13 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from crosslib.corpus import CorpusConfig, load_corpus
+    from crosslib.text.corpus import CorpusConfig, load_corpus
 
     for name in args.corpus or ["brown"]:
         corpus = load_corpus(CorpusConfig(source=name))
         print(f"corpus {name}: {len(corpus.train)} train / {len(corpus.heldout)} held-out documents")
     if not args.no_mathjax:
-        from crosslib import book
+        from crosslib.book import runner as book
 
         print(f"mathjax: {book.ensure_mathjax(book.BOOK_DIR)}")
     return 0

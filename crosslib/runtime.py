@@ -3,8 +3,8 @@
     from crosslib.runtime import configure_process
     configure_process()   # once, at the start of a program that trains on CPU
 
-The `crosslib` command (crosslib/cli.py), `python -m crosslib.distributed` and the benchmarks call it;
-a script or notebook that trains outside them may. Library functions (`crosslib.train` and the rest)
+The `crosslib` command (crosslib/cli.py), `python -m crosslib.dictionaries.distributed` and the benchmarks call it;
+a script or notebook that trains outside them may. Library functions (`crosslib.dictionaries.train` and the rest)
 leave the process's settings as they found them: nothing here changes a result, only how fast CPU
 training runs.
 """

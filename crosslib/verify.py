@@ -23,7 +23,7 @@ def published_artifacts(root: Path) -> list[Path]:
 
 def verify_path(path: Path) -> None:
     """Fully verify one artifact; raises `ArtifactError` naming what is corrupted."""
-    from crosslib.store import KIND, MANIFEST_FILE, open_store
+    from crosslib.activations.store import KIND, MANIFEST_FILE, open_store
 
     verify_artifact(path, full=True)
     if path.parent.name == KIND and (path / MANIFEST_FILE).is_file():

@@ -42,8 +42,8 @@ def text_corpus(tmp_path_factory) -> Path:
 
 
 def micro_suite_config(corpus: Path, **changes):
-    from crosslib.corpus import CorpusConfig
-    from crosslib.suite import SuiteConfig
+    from crosslib.models.suite import SuiteConfig
+    from crosslib.text.corpus import CorpusConfig
 
     base = dict(
         corpus=CorpusConfig(source=str(corpus), heldout_fraction=0.2),
@@ -57,7 +57,7 @@ def micro_suite_config(corpus: Path, **changes):
 @pytest.fixture(scope="session")
 def micro_suite(tmp_path_factory, text_corpus) -> Path:
     """A trained 2-layer, d=32 suite with steps 0, 1, 2, 4, 8, 12 (a few seconds to train)."""
-    from crosslib.suite import train_suite
+    from crosslib.models.suite import train_suite
 
     return train_suite(micro_suite_config(text_corpus), root=tmp_path_factory.mktemp("data"), progress=False)
 

@@ -1,5 +1,5 @@
-"""The planted data the SAE-Track tests share (tests/test_saetrack.py for the chain,
-tests/test_saetrack_analysis.py for what it shows): slowly drifting sparse features, some of
+"""The planted data the SAE-Track tests share (tests/dictionaries/test_saetrack.py for the chain,
+tests/analyses/test_saetrack_analysis.py for what it shows): slowly drifting sparse features, some of
 which appear late, and the chains trained on them, each trained once per test session."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import functools
 
 import torch
 
-from crosslib.saetrack import SAETrackChain, SAETrackConfig, train_chain
-from crosslib.sources import TensorSource
+from crosslib.activations.sources import TensorSource
+from crosslib.dictionaries.saetrack import SAETrackChain, SAETrackConfig, train_chain
 
 STEPS = [0, 1, 2, 4, 8]
 N_PLANTED = 12

@@ -4,11 +4,12 @@ parameter (and what is allowed), before any suite, cache or dictionary work, and
 To cover a new parameter, add a row to `BOOK_ROWS` (a value given with `crosslib book -p`) or to
 `API_ROWS` (a call of the Python API): the id, the call, and the parameter name the message must
 start with. `test_every_checked_parameter_has_a_bad_book_row` fails until a new entry of
-`crosslib.parameters.CHECKS` has a row.
+`crosslib.book.parameters.CHECKS` has a row.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import types
 from pathlib import Path
@@ -16,10 +17,13 @@ from typing import Any, Callable
 
 import pytest
 
-from crosslib import cache, pipeline, suite, train
+from crosslib.activations import cache
+from crosslib.book.parameters import CHECKS, check_dictionary_memory
+from crosslib.book import pipeline
 from crosslib.cli import main
 from crosslib.config import ParameterError
-from crosslib.parameters import CHECKS, check_dictionary_memory
+from crosslib.dictionaries import train
+from crosslib.models import suite
 
 # --------------------------------------------------------------------------- crosslib book -p ...
 
@@ -97,8 +101,8 @@ def no_expensive_work(monkeypatch, tmp_path):
     for module, name in [(suite, "train_suite"), (pipeline, "resolve_suite"), (pipeline, "build_store"),
                          (cache, "build_store"), (pipeline, "train_crosscoder_cached"), (train, "train_crosscoder_cached")]:
         monkeypatch.setattr(module, name, expensive)
-    monkeypatch.setattr("crosslib.book.execute_chapter", expensive)
-    monkeypatch.setattr("crosslib.book.ensure_mathjax", expensive)
+    monkeypatch.setattr("crosslib.book.runner.execute_chapter", expensive)
+    monkeypatch.setattr("crosslib.book.runner.ensure_mathjax", expensive)
     return data
 
 
@@ -119,14 +123,14 @@ def test_every_checked_parameter_has_a_bad_book_row():
 
 
 def test_every_parameter_a_chapter_declares_is_checked():
-    from crosslib.book import BOOK_DIR, NOTEBOOK_DIR, declared_parameters, toc_chapters
+    from crosslib.book.runner import BOOK_DIR, NOTEBOOK_DIR, declared_parameters, toc_chapters
 
     declared = {name for chapter in toc_chapters(BOOK_DIR) for name in declared_parameters(NOTEBOOK_DIR / f"{chapter}.ipynb")}
-    assert declared <= set(CHECKS), f"add a check to crosslib.parameters.CHECKS for {sorted(declared - set(CHECKS))}"
+    assert declared <= set(CHECKS), f"add a check to crosslib.book.parameters.CHECKS for {sorted(declared - set(CHECKS))}"
 
 
 def test_good_values_are_accepted_and_integral_floats_become_ints(no_expensive_work):
-    from crosslib.book import plan_book
+    from crosslib.book.runner import plan_book
 
     _, plans, _ = plan_book("smoke", {"n_tokens": 1e4, "dict_size": 64.0, "steps": [0, 8]})
     chapter_2 = next(p for p in plans if p.name.startswith("02"))
@@ -137,19 +141,19 @@ def test_good_values_are_accepted_and_integral_floats_become_ints(no_expensive_w
 
 
 def one_snapshot_sae():
-    from crosslib.crosscoder import Crosscoder, CrosscoderConfig
+    from crosslib.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
 
     return Crosscoder(CrosscoderConfig(n_snapshots=1, d_model=4, dict_size=8, decoder_init_norm=0.1))
 
 
 def export_snapshot_5(tmp_path: Path):
-    from crosslib.saelens import export_saelens
+    from crosslib.dictionaries.saelens import export_saelens
 
     export_saelens(one_snapshot_sae(), tmp_path / "sae", snapshot=5)
 
 
 def corpus_file(tmp_path: Path, name: str, data: bytes):
-    from crosslib.corpus import CorpusConfig, load_corpus
+    from crosslib.text.corpus import CorpusConfig, load_corpus
 
     path = tmp_path / name
     path.write_bytes(data)
@@ -157,7 +161,7 @@ def corpus_file(tmp_path: Path, name: str, data: bytes):
 
 
 def crosscoder_json(tmp_path: Path, content: Any):
-    from crosslib.crosscoder import Crosscoder
+    from crosslib.dictionaries.crosscoder import Crosscoder
 
     saved = one_snapshot_sae().save(tmp_path / "model")
     meta = json.loads((saved / "crosscoder.json").read_text())
@@ -166,7 +170,7 @@ def crosscoder_json(tmp_path: Path, content: Any):
 
 
 def saelens_cfg_list(tmp_path: Path):
-    from crosslib.saelens import import_saelens
+    from crosslib.dictionaries.saelens import import_saelens
 
     (tmp_path / "sae").mkdir()
     (tmp_path / "sae" / "cfg.json").write_text("[1, 2]")
@@ -193,7 +197,7 @@ API_ROWS: list[tuple[str, Callable[[Path], Any], str, str]] = [
      "source", "latin.txt"),
     ("jsonl text not a string", lambda t: corpus_file(t, "docs.jsonl", b'{"text": 5}\n{"text": "x"}\n'), "source", "not a string"),
     ("jsonl line not an object", lambda t: corpus_file(t, "docs.jsonl", b'[1]\n'), "source", "line 1"),
-    ("CorpusConfig source 5", lambda _: __import__("crosslib.corpus").corpus.CorpusConfig(source=5), "source", "brown"),
+    ("CorpusConfig source 5", lambda _: importlib.import_module("crosslib.text.corpus").CorpusConfig(source=5), "source", "brown"),
     ("crosscoder.json a list", lambda t: crosscoder_json(t, lambda meta: [meta]), "directory", "a list"),
     ("crosscoder.json without config", lambda t: crosscoder_json(t, lambda meta: {k: v for k, v in meta.items() if k != "config"}),
      "directory", "config"),

@@ -14,20 +14,20 @@ from typing import Annotated
 import numpy as np
 import pytest
 
-from crosslib.attribution import AttributionConfig, InterventionConfig
-from crosslib.cache import CacheConfig, StoreIdentity
-from crosslib.complexity import ContextDepthConfig, LLMRubricConfig
+from crosslib.activations.cache import CacheConfig, StoreIdentity
+from crosslib.analyses.attribution import AttributionConfig, InterventionConfig
+from crosslib.analyses.complexity import ContextDepthConfig, LLMRubricConfig
+from crosslib.analyses.crosslayer_statistics import CrossLayerConfig
+from crosslib.analyses.dynamics import DynamicsConfig, DynamicsKey
+from crosslib.analyses.emergence import EmergenceConfig
+from crosslib.analyses.explorer import ExplorerConfig, ExplorerKey
+from crosslib.analyses.probes import SeparabilityConfig
+from crosslib.analyses.tasks import TaskConfig
 from crosslib.config import (Check, Config, Convert, ParameterError, choice, fraction, integer, is_int, is_number,
                              lists_as_tuples, optional, positive, positive_int, require)
-from crosslib.corpus import CorpusConfig
-from crosslib.crosscoder import CrosscoderConfig
-from crosslib.crosslayer_statistics import CrossLayerConfig
-from crosslib.dynamics import DynamicsConfig, DynamicsKey
-from crosslib.emergence import EmergenceConfig
-from crosslib.explorer import ExplorerConfig, ExplorerKey
-from crosslib.probes import SeparabilityConfig
-from crosslib.saetrack import SAETrackConfig
-from crosslib.tasks import TaskConfig
+from crosslib.dictionaries.crosscoder import CrosscoderConfig
+from crosslib.dictionaries.saetrack import SAETrackConfig
+from crosslib.text.corpus import CorpusConfig
 
 HOOK = "blocks.0.hook_resid_post"
 
