@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 SETUP_KEY := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.crosslib-setup-$(SETUP_KEY)
 
-.PHONY: book test check-suite setup clean-book
+.PHONY: book test check-suite screenshots setup clean-book
 
 ## setup: create/reuse .venv and install crosslib with its test tools (torch pinned, CPU build)
 setup: $(STAMP)
@@ -39,6 +39,10 @@ test: setup
 ## an induction head forms in both (slow, so not part of `make test`)
 check-suite: setup
 	$(BIN)/python -m pytest -m check_suite tests/models/test_suite_robustness.py $(PYTEST_ARGS)
+
+## screenshots: full-page screenshots of the built book's pages (headless chromium), to look at
+screenshots: setup
+	$(BIN)/python tests/book/screenshots.py book/_build/html book/_build/screenshots
 
 ## clean-book: remove the executed chapters and the built HTML (not the data/ cache)
 clean-book:

@@ -1,23 +1,20 @@
 """The smoke book in a real browser: headless Debian chromium, driven by selenium + chromedriver.
 
-Builds the book at the `smoke` preset into a temporary directory (the user's book/_build is not
-touched), serves it on 127.0.0.1 and opens every page: every image loads, every internal link
-resolves to an existing page and anchor, math is rendered by the book's own MathJax, nothing is
-fetched from the network, and search finds the introduction. A screenshot of the introduction is
-saved to book/_build/screenshots/intro.png. The feature explorer (chapter 8) is opened from disk
-(file://, as readers open the book): it loads, its search, sort and deep links work, and chapters
-3-5 link their features to it.
+Builds the book at the `smoke` preset into a temporary directory (of the user's book/_build only
+book/_build/screenshots/smoke/ is written), serves it on 127.0.0.1 and opens every page: every image
+loads, every internal link resolves to an existing page and anchor, math is rendered by the book's
+own MathJax, nothing is fetched from the network, and search finds the introduction. A full-page
+screenshot of every page is saved under book/_build/screenshots/smoke/ (tests/book/screenshots.py;
+`make screenshots` does the same for the built book). The feature explorer (chapter 8) is opened
+from disk (file://, as readers open the book): it loads, its search, sort and deep links work, and
+chapters 3-5 link their features to it.
 """
 
 from __future__ import annotations
 
 import functools
 import html.parser
-import http.server
-import os
 import re
-import shutil
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,14 +23,13 @@ import pytest
 
 from crosslib.analyses import explorer
 from crosslib.book import runner as book
+from screenshots import CHROMEDRIVER, CHROMIUM, book_pages, chromium, screenshot_pages, serve
 
-CHROMIUM = os.environ.get("CROSSLIB_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("CROSSLIB_CHROMEDRIVER", "/usr/bin/chromedriver")
 INSTALL_HINT = (
     "headless Chromium is needed for the browser check: install Debian's chromium and its driver with "
     "`apt-get update && apt-get install -y chromium chromium-driver` (.ci/run does this)"
 )
-SCREENSHOT = book.BOOK_DIR / "_build" / "screenshots" / "intro.png"
+SCREENSHOTS = book.BOOK_DIR / "_build" / "screenshots" / "smoke"  # one PNG per page, to look at
 
 pytestmark = pytest.mark.slow
 
@@ -80,16 +76,8 @@ def smoke_html(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(smoke_html):
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(smoke_html)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serve(smoke_html) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -97,22 +85,7 @@ def browser(tmp_path_factory):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
     if missing:
         pytest.fail(f"{', '.join(missing)} not found: {INSTALL_HINT}")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--window-size=1280,1600",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    driver.set_script_timeout(60)  # (the MathJax wait answers itself after 45 s)
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 
@@ -219,15 +192,16 @@ def test_search_finds_the_introduction(base_url, browser):
     assert any("intro.html" in href for href in results), f"search for 'crosscoder' found {results}"
 
 
-def test_screenshot_of_the_introduction(base_url, browser, tmp_path):
-    load(browser, urllib.parse.urljoin(base_url, "intro.html"))
+def test_screenshots_of_every_page(smoke_html, base_url, browser):
+    """A full-page screenshot of the introduction, every chapter and Methods, for a person to look at."""
+    pages = book_pages(smoke_html)
+    assert len(pages) == len(list((smoke_html / "chapters").glob("*.html"))) + 2
+    shots = screenshot_pages(browser, base_url, pages, SCREENSHOTS, load=load)
+    for shot in shots:
+        data = shot.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, f"{shot.name}: blank or not a PNG"
+    load(browser, base_url + "intro.html")
     assert browser.execute_script("return document.querySelectorAll('mjx-container').length") > 0
-    shot = tmp_path / "intro.png"
-    assert browser.save_screenshot(str(shot))
-    data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real, non-blank page
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, SCREENSHOT)
 
 
 WAIT_FOR_EXPLORER = """
