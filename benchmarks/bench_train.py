@@ -32,6 +32,9 @@ fastest step (least disturbed by other processes on a shared machine). Headline 
 
     sae_vs_saelens: X               our S=1 SAE tokens/s (bf16 autocast, λ = 1) ÷ sae-lens JumpReLU SAE tokens/s (fp32, its default)
     crosscoder_matmul_efficiency: Y achieved matmul FLOP/s at S=8, dense products ÷ measured fp32 matmul FLOP/s
+    crosscoder_bf16_efficiency: Z   a crosscoder step as the chapters train it (S=16, d=128, F=1024, batch
+                                    2048, every core, default settings) in matmul FLOP/s ÷ this CPU's bf16
+                                    matmul FLOP/s at the same thread count (the machine's own limit)
 
 at d_model = 128, dict_size = 2048, batch 2048, and the same two at the tiny preset's own shape
 (d_model = 128, dict_size = 512).
@@ -67,6 +70,7 @@ from crosslib.activations.sources import TensorSource  # noqa: E402
 from crosslib.dictionaries.crosscoder import CrosscoderConfig  # noqa: E402
 from crosslib.dictionaries.kernels import KernelOptions  # noqa: E402
 from crosslib.dictionaries.train import TrainConfig, train_crosscoder  # noqa: E402
+from crosslib.machine import native_bf16  # noqa: E402
 from crosslib.runtime import configure_process  # noqa: E402
 
 D, F, B = 128, 2048, 2048
@@ -171,6 +175,33 @@ def ours(S: int, *, warm: int, timed: int, bf16: bool, sparse: bool = True, spar
     return Run(*rates(times), sum(last["l0"]) / S, sum(last["explained_variance"]) / S)
 
 
+def bf16_efficiency(*, warm: int, timed: int, S: int = 16, dict_size: int = 1024) -> None:
+    """The chapters' own training settings, on every core, against this CPU's bf16 matmul speed.
+
+    Default settings: TrainConfig's defaults (compile chosen by the run's size, the sparse products
+    switched on once f is sparse enough) and bf16 where the CPU multiplies it natively, as the chapters
+    pick it (`crosslib.machine.native_bf16`). FLOPs are counted as if every product were dense
+    (10·B·S·d·F per step), so sparse products, where they kick in, count as speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        peak = matmul_flops(torch.bfloat16)
+        source = ClockedSource(planted_source(S), warmup=warm)
+        config = TrainConfig(n_steps=warm + timed, batch_size=B, log_every=timed, eval_rows=0, bf16=native_bf16())
+        result = train_crosscoder(source, CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=dict_size), config,
+                                  progress=False)
+        median, fastest = rates(source.clock.step_times()[-timed:])
+        flops = 10 * S * D * dict_size
+        l0 = sum(result.history[-1]["l0"]) / S
+        print(f"crosscoder S={S} d={D} F={dict_size} batch {B}, {torch.get_num_threads()} threads, bf16 {config.bf16}, "
+              f"default settings: {median:6.0f} {fastest:6.0f} tok/s = {flops * median / 1e9:6.1f} GFLOP/s "
+              f"(L0 {l0:.1f}); bf16 matmul at {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
+        print(f"crosscoder_bf16_efficiency: {flops * median / peak:.2f}   (median step; fastest step "
+              f"{flops * fastest / peak:.2f})")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def saelens(steps: int, *, autocast: bool, dict_size: int = F) -> tuple[float, float]:
     """sae-lens's SAETrainer.fit, JumpReLU training SAE (tanh sparsity), same d, F, batch: tokens/s (median, fastest)."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -206,7 +237,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps (noisier)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads for both libraries (default 1; 0 = torch's default)")
+    parser.add_argument("--only-efficiency", action="store_true", help="only the crosscoder_bf16_efficiency line")
     args = parser.parse_args()
+    if args.only_efficiency:
+        configure_process()
+        bf16_efficiency(warm=8 if args.quick else 24, timed=4 if args.quick else 12)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -285,6 +321,7 @@ def main() -> None:
     print(f"sae_vs_saelens at the tiny preset's dict_size={TINY_DICT_SIZE}: {tiny.median / tiny_sl[0]:.2f}   "
           f"(L0 {tiny.l0:.1f}; dense products {tiny_dense.median / tiny_sl[0]:.2f})")
     print(f"crosscoder_matmul_efficiency at the tiny preset's dict_size={TINY_DICT_SIZE}: {tiny_efficiency:.2f}")
+    bf16_efficiency(warm=cc_warm * 2, timed=cc_timed)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def run_cell(seed: int, variant: str, out: Path, preset: str) -> dict:
         "seed": seed, "variant": variant, "suite_key": config.key(),
         "preset_key": SUITE_PRESETS[preset].key(),  # the configuration the grid varies
         "final_loss": round(summary["final_loss"], 3),
-        "induction_on_step": summary["induction_on_step"],
+        "induction_on_step": summary["induction_step"],
         "final_induction_score": round(summary["final_induction_score"], 2),
         "unigram_saturation_step": summary["unigram_saturation_step"],
         "bigram_saturation_step": summary["bigram_saturation_step"],

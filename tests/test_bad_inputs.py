@@ -18,8 +18,8 @@ from typing import Any, Callable
 import pytest
 
 from crosslib.activations import cache
-from crosslib.book.parameters import CHECKS, check_dictionary_memory
 from crosslib.book import pipeline
+from crosslib.book.parameters import CHECKS, check_dictionary_memory
 from crosslib.cli import main
 from crosslib.config import ParameterError
 from crosslib.dictionaries import train

@@ -308,31 +308,25 @@ def _saturation_step(m: pd.DataFrame, column: str, share: float) -> int:
 INDUCTION_ON_NATS = 1.0
 
 
-def phase_summary(metrics: pd.DataFrame, induction_threshold: float = 0.5, saturation: float = 0.95) -> dict[str, Any]:
+def phase_summary(metrics: pd.DataFrame, saturation: float = 0.95) -> dict[str, Any]:
     """Landmarks of the learning curves: when each n-gram fit is best and when it saturates, when
     induction turns on.
 
     A fit "saturates" at the first snapshot where its KL has made `saturation` of its whole fall.
-    Induction "turns on" at the first snapshot whose score reaches half its final value, provided
-    the final score exceeds `induction_threshold` nats; otherwise it is reported as absent (None).
-    `induction_on_step` is the first snapshot whose score exceeds `INDUCTION_ON_NATS` (None: never).
+    Induction "turns on" at the first snapshot whose score exceeds `INDUCTION_ON_NATS` (None: never);
+    chapter 1's robustness grid uses the same landmark.
     """
     m = metrics.sort_values("step").reset_index(drop=True)
     final = m.iloc[-1]
     below_bigram = m[m["loss"] < m["bigram_ce"]]
-    induction_step = None
-    if final["induction_score"] > induction_threshold:
-        on = m[m["induction_score"] >= 0.5 * final["induction_score"]]
-        induction_step = int(on["step"].iloc[0])
     return {
         "unigram_fit_step": int(m.loc[m["unigram_kl_position"].idxmin(), "step"]),
         "bigram_fit_step": int(m.loc[m["bigram_kl"].idxmin(), "step"]),
         "unigram_saturation_step": _saturation_step(m, "unigram_kl", saturation),
         "bigram_saturation_step": _saturation_step(m, "bigram_kl", saturation),
         "loss_below_bigram_step": int(below_bigram["step"].iloc[0]) if len(below_bigram) else None,
-        "induction_step": induction_step,
-        "induction_on_step": next((int(step) for step, score in zip(m["step"], m["induction_score"])
-                                   if score > INDUCTION_ON_NATS), None),
+        "induction_step": next((int(step) for step, score in zip(m["step"], m["induction_score"])
+                                if score > INDUCTION_ON_NATS), None),
         "final_loss": float(final["loss"]),
         "bigram_ce": float(final["bigram_ce"]),
         "unigram_ce": float(final["unigram_ce"]),

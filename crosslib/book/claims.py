@@ -134,6 +134,8 @@ def unigram_kl_falls_early(kl_step0: float, kl_final: float, saturation_step: in
 
 def induction_turns_on(induction_step: int | None, final_score: float) -> ClaimResult:
     """An induction head turns on at an identifiable snapshot (`crosslib.analyses.dynamics.phase_summary`)."""
+    from crosslib.analyses.dynamics import INDUCTION_ON_NATS  # (torch-free callers need not import it)
+
     verdict: Verdict = "yes" if induction_step is not None else "no"
     return ClaimResult(
         "An induction head turns on at an identifiable step",
@@ -141,8 +143,8 @@ def induction_turns_on(induction_step: int | None, final_score: float) -> ClaimR
         f"step {induction_step} (final score {final_score:.2f} nats)" if induction_step is not None else
         f"not found (final score {final_score:.2f} nats)",
         verdict,
-        "a snapshot reaches half of a final score above the induction threshold" if verdict == "yes" else
-        "the final induction score stays below the threshold",
+        f"a snapshot's score exceeds {INDUCTION_ON_NATS:g} nat" if verdict == "yes" else
+        f"no snapshot's score exceeds {INDUCTION_ON_NATS:g} nat",
     )
 
 

@@ -27,6 +27,7 @@ from crosslib.machine import native_bf16
 from crosslib.models.snapshots import context_length as snapshot_context_length
 from crosslib.models.suite import (as_corpus_config, corpus_name, iter_steps, resolve_suite, suite_token_streams,
                                    windows_for_tokens)
+from crosslib.progress import progress
 from crosslib.text.corpus import CorpusConfig
 
 
@@ -118,15 +119,17 @@ def sparsity_sweep(
     for method in methods:
         require_choice("methods", method, list(independent))
     rows = []
-    for coefficient in coefficients:
-        for method in methods:
-            result = dictionary(store, dict_size, coefficient, independent=independent[method], **train_options)
-            for i, step in enumerate(store.steps):
-                rows.append({
-                    "method": method, "sparsity_coefficient": coefficient, "step": step,
-                    "explained_variance": result.eval["explained_variance"][i],
-                    "l0": result.eval["l0"][i], "dead_fraction": result.eval["dead_fraction"][i],
-                })
+    plan = [(coefficient, method) for coefficient in coefficients for method in methods]
+    # an outer bar, so that a long sweep's log says which dictionary of how many is training
+    for coefficient, method in progress(plan, desc="sparsity sweep", unit="dictionary",
+                                        disable=not train_options.get("progress", True)):
+        result = dictionary(store, dict_size, coefficient, independent=independent[method], **train_options)
+        for i, step in enumerate(store.steps):
+            rows.append({
+                "method": method, "sparsity_coefficient": coefficient, "step": step,
+                "explained_variance": result.eval["explained_variance"][i],
+                "l0": result.eval["l0"][i], "dead_fraction": result.eval["dead_fraction"][i],
+            })
     return pd.DataFrame(rows)
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import nbformat
 import pytest
 
-from crosslib.book.parameters import CHECKS, check_parameters
 from crosslib.book import defaults as book_defaults
 from crosslib.book import pipeline
+from crosslib.book.parameters import CHECKS, check_parameters
 from crosslib.book.runner import BOOK_DIR, NOTEBOOK_DIR, declared_parameters, notebook_defaults, toc_chapters
 from crosslib.config import content_hash
 from crosslib.dictionaries import train
