@@ -21,7 +21,7 @@ CHAPTERS = toc_chapters(BOOK_DIR)
 COLLAPSED = "hide-input"
 # Tags that take code out of the page for good: hidden code must stay one click away.
 REMOVING = {"remove-input", "remove-cell", "hide-cell", "remove-output", "hide-output"}
-MAX_LINE = 100  # characters of code that fit the page's code column at 1280 px
+CODE_COLUMN = 76  # characters that fit the rendered code column at 1280 px
 PLOT_NAMES = {"plt", "fig", "ax", "axes", "ax2"}
 NOT_SCIENCE = {"check_parameters"}  # crosslib calls that are plumbing themselves
 
@@ -41,6 +41,11 @@ def is_parameters(cell: nbformat.NotebookNode) -> bool:
 
 def is_visible(cell: nbformat.NotebookNode) -> bool:
     return COLLAPSED not in tags(cell)
+
+
+def too_wide(source: str) -> list[str]:
+    """The lines that wrap in the rendered code column."""
+    return [line for line in source.splitlines() if len(line) > CODE_COLUMN]
 
 
 def called_name(call: ast.Call) -> str:
@@ -148,8 +153,13 @@ def test_visible_code_fits_the_page(chapter):
     # (crosslib.book.runner.declared_parameters reads them), one line each.
     for cell in code_cells(chapter):
         if is_visible(cell) and not is_parameters(cell):
-            long = [line for line in cell.source.splitlines() if len(line) > MAX_LINE]
-            assert not long, f"{chapter}: lines over {MAX_LINE} characters scroll sideways: {long}"
+            wide = too_wide(cell.source)
+            assert not wide, f"{chapter}: lines over {CODE_COLUMN} characters wrap in the code column: {wide}"
+
+
+def test_a_line_one_past_the_code_column_is_too_wide():
+    assert too_wide("x = 1\n" + "y" * CODE_COLUMN) == []
+    assert too_wide("x = 1\n" + "y" * (CODE_COLUMN + 1)) == ["y" * (CODE_COLUMN + 1)]
 
 
 def test_the_checks_tell_plumbing_from_science():
