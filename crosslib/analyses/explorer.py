@@ -47,7 +47,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -59,6 +59,10 @@ from crosslib.artifacts import (ArtifactError, atomic_write_bytes, atomic_write_
 from crosslib.config import (Config, ParameterError, content_hash, instance_of, integer, is_int, non_empty_str, optional,
                              require)
 from crosslib.constants import data_dir
+
+if TYPE_CHECKING:  # for annotations only: the model is imported where it is used
+    from crosslib.activations.store import ActivationStore
+    from crosslib.dictionaries.crosscoder import Crosscoder
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PAGE_FILES = ("explorer.html", "explorer.js", "explorer.css")  # templates/ → the page's folder
@@ -270,8 +274,8 @@ def feature_subset(model: Any, features: Sequence[int]) -> Any:
 
 
 def prepare_explorer(
-    model: Any,
-    store: Any,
+    model: Crosscoder,
+    store: ActivationStore,
     tokenizer: Any = None,
     *,
     config: ExplorerConfig = ExplorerConfig(),

@@ -45,11 +45,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from crosslib.activations.sources import source_fingerprint
+from crosslib.activations.sources import ActivationSource, source_fingerprint
 from crosslib.config import ParameterError, require
 
 if TYPE_CHECKING:  # crosslib.dictionaries.crosscoder imports this module (the model's forward takes a ShardingContext)
     from crosslib.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
+    from crosslib.dictionaries.train import TrainConfig
 
 
 def split_evenly(n: int, parts: int) -> list[list[int]]:
@@ -134,11 +135,11 @@ class ShardingContext(Protocol):
         """Whether this process writes the files and shows the progress bar."""
         ...
 
-    def source_snapshots(self, source: Any) -> int:
+    def source_snapshots(self, source: ActivationSource) -> int:
         """The full source's number of snapshots (`source` may hold this process's share only)."""
         ...
 
-    def identify_source(self, source: Any) -> str | None:
+    def identify_source(self, source: ActivationSource) -> str | None:
         """The full source's fingerprint (None when it has none), which checkpoints are tied to."""
         ...
 
@@ -216,10 +217,10 @@ class SingleProcess:
     def sum_penalty_statistic(self, phi_sum: Tensor) -> Tensor:
         return phi_sum
 
-    def source_snapshots(self, source: Any) -> int:
+    def source_snapshots(self, source: ActivationSource) -> int:
         return source.n_snapshots
 
-    def identify_source(self, source: Any) -> str | None:
+    def identify_source(self, source: ActivationSource) -> str | None:
         return _fingerprint_or_none(source)
 
     def local_config(self, config: CrosscoderConfig) -> CrosscoderConfig:
@@ -262,7 +263,7 @@ class SingleProcess:
         return model
 
 
-def _fingerprint_or_none(source: Any) -> str | None:
+def _fingerprint_or_none(source: ActivationSource) -> str | None:
     try:
         return source_fingerprint(source)
     except ParameterError:  # a source without a fingerprint: its checkpoints are tied to the configs only
@@ -341,10 +342,10 @@ class ShardContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def source_snapshots(self, source: Any) -> int:
+    def source_snapshots(self, source: ActivationSource) -> int:
         return self.n_snapshots_total  # `source` is this rank's selection of the snapshots
 
-    def identify_source(self, source: Any) -> str | None:
+    def identify_source(self, source: ActivationSource) -> str | None:
         return self.source_id
 
     @property
@@ -541,7 +542,7 @@ def _load_source(path: str) -> Any:
                          "holding 'activations' [row, snapshot, d_model]")
 
 
-def train_sharded(source: Any, model_config: CrosscoderConfig, train_config: Any, out_dir: str | None,
+def train_sharded(source: ActivationSource, model_config: CrosscoderConfig, train_config: TrainConfig, out_dir: str | None,
                   *, n_heads: int | None = None, device: Any = None, progress: bool = True, stop_after: int | None = None):
     """Train under an initialised process group; every rank calls this with the full source."""
     from crosslib.dictionaries.train import train_crosscoder
