@@ -42,7 +42,7 @@ check-suite: setup
 
 ## screenshots: full-page screenshots of the built book's pages (headless chromium), to look at
 screenshots: setup
-	$(BIN)/python tests/book/screenshots.py book/_build/html book/_build/screenshots
+	$(BIN)/python tests/screenshots.py book/_build/html book/_build/screenshots
 
 ## clean-book: remove the executed chapters and the built HTML (not the data/ cache)
 clean-book:

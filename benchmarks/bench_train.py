@@ -191,7 +191,7 @@ def bf16_efficiency(*, warm: int, timed: int, S: int = 16, dict_size: int = 1024
         result = train_crosscoder(source, CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=dict_size), config,
                                   progress=False)
         median, fastest = rates(source.clock.step_times()[-timed:])
-        flops = 10 * S * D * dict_size
+        flops = matmul_flops_per_token(S, dict_size)
         l0 = sum(result.history[-1]["l0"]) / S
         print(f"crosscoder S={S} d={D} F={dict_size} batch {B}, {torch.get_num_threads()} threads, bf16 {config.bf16}, "
               f"default settings: {median:6.0f} {fastest:6.0f} tok/s = {flops * median / 1e9:6.1f} GFLOP/s "

@@ -361,24 +361,17 @@ def test_config_round_trips_through_json():
 @pytest.mark.slow
 def test_graph_page_works_in_headless_chromium(tmp_path):
     """Open the page offline in headless Chromium: nodes drawn, click shows details, pan and zoom."""
-    chromium, chromedriver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-    if not (chromium.is_file() and chromedriver.is_file()):
+    from screenshots import CHROMEDRIVER, CHROMIUM, chromium  # the browser test's driver (tests/screenshots.py)
+
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         pytest.fail("headless Chromium is needed: apt-get install -y chromium chromium-driver (.ci/run does this)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
 
     chain = layer_chain_statistics(batched(two_cluster_layers(), [2000]), progress=False)
     graph = layer_graph(chain)
     assign_communities(graph)
     page = write_graph_page(tmp_path / "graph.html", graph, {node_name(1, 4): ["planted context one", "two"]})
-    options = Options()
-    options.binary_location = str(chromium)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,800",
-                 "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(chromedriver)), options=options)
+    driver = chromium(tmp_path / "profile", height=800)
     try:
         driver.get(page.as_uri())
         assert driver.execute_script("return document.querySelectorAll('#nodes circle').length") == 18

@@ -4,7 +4,7 @@ Builds the book at the `smoke` preset into a temporary directory (of the user's 
 book/_build/screenshots/smoke/ is written), serves it on 127.0.0.1 and opens every page: every image
 loads, every internal link resolves to an existing page and anchor, math is rendered by the book's
 own MathJax, nothing is fetched from the network, and search finds the introduction. A full-page
-screenshot of every page is saved under book/_build/screenshots/smoke/ (tests/book/screenshots.py;
+screenshot of every page is saved under book/_build/screenshots/smoke/ (tests/screenshots.py;
 `make screenshots` does the same for the built book). The feature explorer (chapter 8) is opened
 from disk (file://, as readers open the book): it loads, its search, sort and deep links work, and
 chapters 3-5 link their features to it.

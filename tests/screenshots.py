@@ -1,6 +1,6 @@
 """Full-page screenshots of a built book's pages in headless Chromium, to look at.
 
-    .venv/bin/python tests/book/screenshots.py [HTML_DIR] [OUT_DIR]     # `make screenshots`
+    .venv/bin/python tests/screenshots.py [HTML_DIR] [OUT_DIR]     # `make screenshots`
 
 HTML_DIR defaults to book/_build/html and OUT_DIR to book/_build/screenshots: one PNG per page
 (the introduction, every chapter, Methods), 1280 px wide like the browser check, as tall as the
@@ -24,7 +24,7 @@ CHROMIUM = os.environ.get("CROSSLIB_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CROSSLIB_CHROMEDRIVER", "/usr/bin/chromedriver")
 WIDTH = 1280
 MAX_HEIGHT = 16000  # px; a longer page is cut (Chromium refuses huge captures)
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def chromium(profile_dir: str | os.PathLike, height: int = 1600):
