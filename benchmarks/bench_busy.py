@@ -1,5 +1,6 @@
 """The book's first build on a busy machine: how much each stage slows down when another CPU-bound
-process takes a core, at 1 and 2 torch threads and with OpenMP's default and passive waiting.
+process takes a core, at 1 and 2 torch threads, with the thread count following the load (what
+crosslib runs with), and with OpenMP's default and passive waiting.
 
     .venv/bin/python benchmarks/bench_busy.py            # sized for < 10 minutes on 2 cores; run it on a quiet machine
     .venv/bin/python benchmarks/bench_busy.py --quick    # sized for < 1 minute: checks that it runs, timings are noisy
@@ -17,7 +18,12 @@ Stages, each a short slice of what the first build does (sizes are options):
               be; on benchmarks/bench_train.py's planted activations, step time only (its Clock).
 
 Each setting (torch threads × OpenMP wait policy) runs in a fresh process, because OpenMP reads
-OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when torch loads it. In it every stage is timed quiet, then
+OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when torch loads it. "follow" is `CROSSLIB_THREADS=follow`
+(`crosslib.runtime.follow_load`): each step of a stage's progress bar sets torch's thread count to
+the cores other processes leave free, judged from the last second's CPU accounting; the numbers are
+fixed counts under `CROSSLIB_THREADS=fixed`. Before each timed run the machine is left as it will be
+during it (competitor started or stopped) for `SETTLE_SECONDS`, so the follower's first look sees it:
+the timings are a long stage's steady state, not the one-second reaction. In it every stage is timed quiet, then
 busy (while a competitor, a tight pure-Python loop in a process of its own, runs), alternately,
 `--repeats` times; the best of each is kept (other processes can slow a run, never speed it up).
 The competitor is started for each busy run and stopped after it; it also stops by itself as soon
@@ -33,8 +39,8 @@ Prints a table (seconds quiet and busy, their ratio, and busy ÷ the default set
 says whether a setting beats the default under load) and the headline lines
 
     busy_over_quiet_max[threads=T, W]: X    the worst stage's busy ÷ quiet, for each setting tried
-    busy_over_quiet_max: X                  the same at the setting crosslib runs with (torch's default
-                                            thread count, OMP_WAIT_POLICY unset); goal ≤ 1.5
+    busy_over_quiet_max: X                  the same at the setting crosslib runs with (threads following
+                                            the load, OMP_WAIT_POLICY unset); goal ≤ 1.5
 """
 
 from __future__ import annotations
@@ -67,6 +73,8 @@ POLICIES = {
 }
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 DEFAULT_POLICY = "unset"  # what crosslib runs with: it sets no OpenMP variable
+FOLLOW = "follow"  # the thread setting crosslib runs with (crosslib.runtime.follow_load)
+SETTLE_SECONDS = 2.0  # the machine's state before a timed run: > crosslib.runtime.FOLLOW_INTERVAL
 # Sizes: (full run, --quick)
 SIZES = {
     "suite_steps": (8, 1),  # suite training steps per measurement (~0.3 s each on 2 quiet cores)
@@ -140,13 +148,15 @@ def suite_stage(args):
     import torch
     from transformers import GPTNeoXForCausalLM
 
-    from crosslib.models.suite import SUITE_PRESETS, _param_groups, frequent_tokens, training_batch
+    from crosslib.models.suite import (SUITE_PRESETS, _param_groups, frequent_tokens, thread_invariant_layer_norms,
+                                       training_batch)
+    from crosslib.progress import progress
 
     config = SUITE_PRESETS["tiny"]
     torch.manual_seed(config.seed)
     model_config = config.model_config(eos_token_id=0)
     model_config._attn_implementation = "eager"  # as the suite trains
-    model = GPTNeoXForCausalLM(model_config).train()
+    model = thread_invariant_layer_norms(GPTNeoXForCausalLM(model_config)).train()
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=args.suite_tokens, dtype=np.int32)
     pool = frequent_tokens(tokens, config.repeat_vocab)
@@ -154,7 +164,8 @@ def suite_stage(args):
 
     def run() -> float:
         start = time.perf_counter()
-        for step in range(done[0], done[0] + args.suite_steps):
+        # through a (silent) progress bar, as the suite's trainer loops: its steps follow the load
+        for step in progress(range(done[0], done[0] + args.suite_steps), disable=True):
             batch = training_batch(tokens, step, config, pool)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 loss = model(input_ids=batch, labels=batch).loss
@@ -248,31 +259,39 @@ def measure_setting(args) -> None:
 
     from crosslib.runtime import configure_process
 
-    torch.set_num_threads(args.threads)
-    configure_process()  # as `crosslib book` does for its notebook kernels
+    if args.threads != FOLLOW:
+        torch.set_num_threads(int(args.threads))
+    configure_process()  # as `crosslib book` does for its notebook kernels (CROSSLIB_THREADS: see the setting)
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # from bench_train's planted activations
     results = {}
     for name in args.stages:
         run = STAGE_BUILDERS[name](args)
         run()  # warm-up: first-call allocations, compilation
-        quiet, busy = [], []
+        quiet, busy, used = [], [], {"quiet": set(), "busy": set()}  # used: torch's thread count after each run
         for _ in range(args.repeats):  # alternate, so that drift hits both alike
+            time.sleep(SETTLE_SECONDS)
             quiet.append(run())
+            used["quiet"].add(torch.get_num_threads())
             with competitors(args.competitors):
+                time.sleep(SETTLE_SECONDS)
                 busy.append(run())
-        results[name] = {"quiet": quiet, "busy": busy}
+                used["busy"].add(torch.get_num_threads())
+        results[name] = {"quiet": quiet, "busy": busy, "threads": {k: sorted(v) for k, v in used.items()}}
         log(f"  {name}: quiet {min(quiet):.2f} s, busy {min(busy):.2f} s")
     print(json.dumps({"torch_threads": torch.get_num_threads(), "stages": results}))
 
 
 # -- the driver ----------------------------------------------------------------------------------
 
-def setting_environment(threads: int, policy: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
-    return {**env, "OMP_NUM_THREADS": str(threads), **POLICIES[policy]}
+def setting_environment(threads: str, policy: str) -> dict[str, str]:
+    from crosslib.runtime import THREADS_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES + (THREADS_ENV,)}
+    count = {} if threads == FOLLOW else {"OMP_NUM_THREADS": threads}
+    return {**env, **count, THREADS_ENV: FOLLOW if threads == FOLLOW else "fixed", **POLICIES[policy]}
 
 
-def run_setting(args, threads: int, policy: str) -> dict:
+def run_setting(args, threads: str, policy: str) -> dict:
     """One setting in a fresh process; stop it (and so its competitors) if we are interrupted."""
     command = [sys.executable, __file__, "--measure", "--threads", str(threads), "--stages", ",".join(args.stages),
                "--competitors", str(args.competitors), "--compile", args.compile]
@@ -293,8 +312,8 @@ def run_setting(args, threads: int, policy: str) -> dict:
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and one repeat (about a minute): noisy")
-    parser.add_argument("--threads", default="1,2",
-                        help="torch thread counts to try (torch's default is always added)")
+    parser.add_argument("--threads", default=f"1,2,{FOLLOW}",
+                        help=f"torch thread counts to try, and {FOLLOW!r} (following the load: always added)")
     parser.add_argument("--policies", default="unset,PASSIVE",
                         help=f"OpenMP wait policies to try: {', '.join(POLICIES)} (unset is always tried)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"stages to time: {', '.join(STAGES)}")
@@ -317,7 +336,10 @@ def parse_args():
     args.compile = args.compile or ("off" if args.quick else "auto")
     args.stages = [s for s in args.stages.split(",") if s]
     args.policies = [p for p in args.policies.split(",") if p]
-    args.threads = sorted({int(t) for t in args.threads.split(",") if t})
+    args.threads = [t for t in args.threads.split(",") if t]
+    for threads in args.threads:
+        if threads != FOLLOW and not (threads.isdigit() and int(threads) > 0):
+            parser.error(f"--threads: {threads!r} is not a positive thread count or {FOLLOW!r}")
     for stage in args.stages:
         if stage not in STAGES:
             parser.error(f"--stages: {stage!r} is not one of {', '.join(STAGES)}")
@@ -342,8 +364,8 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # one bar per saved random snapshot otherwise
 
-    default_threads = torch.get_num_threads()  # what the book's kernels get: crosslib never sets it
-    threads = sorted(set(args.threads) | {default_threads})
+    default_threads = torch.get_num_threads()  # the most threads the follower gives (one per free core)
+    threads = sorted(set(args.threads) - {FOLLOW}, key=int) + [FOLLOW]
     policies = [DEFAULT_POLICY] + [p for p in args.policies if p != DEFAULT_POLICY]
     settings = [(t, p) for t in threads for p in policies]
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} (default {default_threads} threads), "
@@ -362,15 +384,20 @@ def main() -> None:
 
     best = {(t, p, stage): (min(r["quiet"]), min(r["busy"]))
             for (t, p), result in results.items() for stage, r in result["stages"].items()}
+
+    def used(t: str, p: str, stage: str) -> str:  # the thread counts the runs ended with, quiet / busy
+        threads = results[t, p]["stages"][stage]["threads"]
+        return "/".join(",".join(map(str, threads[k])) for k in ("quiet", "busy"))
+
     print()
     print(f"{'stage':<12}{'threads':>8}  {'OpenMP waiting':<24}{'quiet s':>9}{'busy s':>9}{'busy/quiet':>12}"
-          f"{'busy/default quiet':>20}")
+          f"{'busy/default quiet':>20}{'threads quiet/busy':>20}")
     for stage in args.stages:
-        default_quiet = best[default_threads, DEFAULT_POLICY, stage][0]
+        default_quiet = best[FOLLOW, DEFAULT_POLICY, stage][0]
         for t, p in settings:
             quiet, busy = best[t, p, stage]
             print(f"{stage:<12}{t:>8}  {policy_label(p):<24}{quiet:>9.2f}{busy:>9.2f}{busy / quiet:>12.2f}"
-                  f"{busy / default_quiet:>20.2f}")
+                  f"{busy / default_quiet:>20.2f}{used(t, p, stage):>20}")
     print(f"best of {args.repeats} per cell; load average {load_average():.1f} at the end")
     print()
 
@@ -380,9 +407,9 @@ def main() -> None:
     for t, p in settings:
         ratio, stage = worst(t, p)
         print(f"busy_over_quiet_max[threads={t}, {policy_label(p)}]: {ratio:.2f}   (worst stage: {stage})")
-    ratio, stage = worst(default_threads, DEFAULT_POLICY)
-    print(f"busy_over_quiet_max: {ratio:.2f}   (threads={default_threads}, torch's default, and OMP_WAIT_POLICY "
-          f"unset: what crosslib runs with; worst stage: {stage}; goal <= 1.5)")
+    ratio, stage = worst(FOLLOW, DEFAULT_POLICY)
+    print(f"busy_over_quiet_max: {ratio:.2f}   (threads following the load, up to {default_threads}, and "
+          f"OMP_WAIT_POLICY unset: what crosslib runs with; worst stage: {stage}; goal <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -178,23 +178,26 @@ def ours(S: int, *, warm: int, timed: int, bf16: bool, sparse: bool = True, spar
 def bf16_efficiency(*, warm: int, timed: int, S: int = 16, dict_size: int = 1024) -> None:
     """The chapters' own training settings, on every core, against this CPU's bf16 matmul speed.
 
-    Default settings: TrainConfig's defaults (compile chosen by the run's size, the sparse products
-    switched on once f is sparse enough) and bf16 where the CPU multiplies it natively, as the chapters
-    pick it (`crosslib.machine.native_bf16`). FLOPs are counted as if every product were dense
-    (10·B·S·d·F per step), so sparse products, where they kick in, count as speed."""
+    Default settings: TrainConfig's defaults (the sparse products switched on once f is sparse enough;
+    compiled kernels if a default-length run of this shape, `TrainConfig().n_steps` steps, would compile
+    them: the timed run is too short for the automatic choice to) and bf16 where the CPU multiplies it
+    natively, as the chapters pick it (`crosslib.machine.native_bf16`). FLOPs are counted as if every
+    product were dense (10·B·S·d·F per step), so sparse products, where they kick in, count as speed."""
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         peak = matmul_flops(torch.bfloat16)
         source = ClockedSource(planted_source(S), warmup=warm)
-        config = TrainConfig(n_steps=warm + timed, batch_size=B, log_every=timed, eval_rows=0, bf16=native_bf16())
-        result = train_crosscoder(source, CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=dict_size), config,
-                                  progress=False)
+        model_config = CrosscoderConfig(n_snapshots=S, d_model=D, dict_size=dict_size)
+        compile_kernels = TrainConfig(batch_size=B).use_compile(model_config)
+        config = TrainConfig(n_steps=warm + timed, batch_size=B, log_every=timed, eval_rows=0, bf16=native_bf16(),
+                             compile=compile_kernels)
+        result = train_crosscoder(source, model_config, config, progress=False)
         median, fastest = rates(source.clock.step_times()[-timed:])
         flops = matmul_flops_per_token(S, dict_size)
         l0 = sum(result.history[-1]["l0"]) / S
         print(f"crosscoder S={S} d={D} F={dict_size} batch {B}, {torch.get_num_threads()} threads, bf16 {config.bf16}, "
-              f"default settings: {median:6.0f} {fastest:6.0f} tok/s = {flops * median / 1e9:6.1f} GFLOP/s "
+              f"compiled {compile_kernels}, default settings: {median:6.0f} {fastest:6.0f} tok/s = {flops * median / 1e9:6.1f} GFLOP/s "
               f"(L0 {l0:.1f}); bf16 matmul at {torch.get_num_threads()} threads: {peak / 1e9:.1f} GFLOP/s")
         print(f"crosscoder_bf16_efficiency: {flops * median / peak:.2f}   (median step; fastest step "
               f"{flops * fastest / peak:.2f})")

@@ -497,8 +497,8 @@ def _draws(rng: np.random.Generator, candidates: np.ndarray, k: int, n: int) -> 
 
 
 def ablation_curve(task: Task, splice: Splice, model: Any, activations: Float[Tensor, "prompt position snapshot d_model"],
-                   scores: Float[np.ndarray, " feature"], *, config: InterventionConfig = InterventionConfig()
-                   ) -> AblationResult:
+                   scores: Float[np.ndarray, " feature"], *, config: InterventionConfig = InterventionConfig(),
+                   progress: bool = False) -> AblationResult:
     """Fraction of the metric lost when zero-ablating the top-k features (by `scores`) vs k random active ones.
 
     `scores` is one snapshot's attribution (e.g. ``result.at_step(s).attribution``); `activations`
@@ -518,7 +518,7 @@ def ablation_curve(task: Task, splice: Splice, model: Any, activations: Float[Te
                                  batch_size=config.batch_size)
     rng = np.random.default_rng(config.seed)
     rows = []
-    for k in config.ks:
+    for k in tqdm(config.ks, desc=f"zero-ablation ({task.name})", unit="k", disable=not progress):
         top = ranked[:k]
         metric = spliced_metric(splice, model, task, _zeroed(state, top), batch_size=config.batch_size)
         rows.append({"k": k, "selection": "top", "n_features": len(top), "metric": metric,
@@ -543,7 +543,7 @@ def _recovery(metric: float, clean: float, corrupted: float) -> float:
 def patching_curve(task: Task, splice: Splice, model: Any,
                    clean_activations: Float[Tensor, "prompt position snapshot d_model"],
                    corrupted_activations: Float[Tensor, "prompt position snapshot d_model"], *,
-                   config: InterventionConfig = InterventionConfig()) -> PatchingResult:
+                   config: InterventionConfig = InterventionConfig(), progress: bool = False) -> PatchingResult:
     """Recovery of the clean metric when the top-k features are patched from clean into corrupted prompts.
 
     Activations are all snapshots' raw activations on ``task.clean`` and ``task.corrupted``.
@@ -581,7 +581,7 @@ def patching_curve(task: Task, splice: Splice, model: Any,
 
     rng = np.random.default_rng(config.seed)
     rows = []
-    for k in config.ks:
+    for k in tqdm(config.ks, desc=f"patching ({task.name})", unit="k", disable=not progress):
         metric = patched(ranked[:k])
         rows.append({"k": k, "selection": "top", "n_features": min(k, len(ranked)), "metric": metric,
                      "recovery": _recovery(metric, clean_metric, corrupted_metric), "recovery_std": 0.0})

@@ -310,13 +310,19 @@ def _chunks(n_features: int, elements_per_feature: int) -> list[slice]:
 # per step (batch 2048 tokens, d=128, one thread), the break-even is ~7% (SAE) and ~4.5% (8-snapshot
 # crosscoder) at F=2048, ~4% and ~3% at F=512; with two threads ~3% at F=2048. At 1% density a step
 # is 1.8x (SAE) and 1.7x (crosscoder) faster at F=2048 with one thread, 1.6x and 1.25x with two.
+#
+# The limit is one number, not one per thread count: the sparse and dense products round differently,
+# so a limit that moved with the thread count made a dictionary's weights depend on it (and the thread
+# count follows the machine's load under `crosslib.runtime.follow_load`). 1.75% is the break-even's
+# lower end, the two-thread one, what the chapters' 2-core default machine used before.
 
-SPARSE_MAX_DENSITY = 0.035  # with one thread: f's largest fraction of non-zero entries for the sparse products
+SPARSE_MAX_DENSITY = 0.0175  # f's largest fraction of non-zero entries for the sparse products
 
 
 def sparse_density_limit() -> float:
-    """The fraction of non-zero entries of f up to which training uses the sparse products (this thread count)."""
-    return SPARSE_MAX_DENSITY / max(1, torch.get_num_threads())
+    """The fraction of non-zero entries of f up to which training uses the sparse products (any thread count:
+    the choice changes rounding, and a result must not depend on how many threads computed it)."""
+    return SPARSE_MAX_DENSITY
 
 
 class ActivePattern(NamedTuple):

@@ -27,7 +27,7 @@ steps): loss within 0.02%, explained variance within 0.002 and L0 within 0.4 of 
 it sets `compiled` in the run's `crosslib.dictionaries.kernels.KernelOptions`, the model's one kernel switch.
 
 Sparse products (CPU, automatic): once at most `crosslib.dictionaries.kernels.sparse_density_limit()` of f's
-entries are non-zero (3.5% with one thread, 1.75% with two), a step computes the decoder, the W_D
+entries are non-zero (1.75%, at any thread count), a step computes the decoder, the W_D
 gradient (and, for SAEs, the W_E gradient), the penalty and most of the gate's gradients over the
 active positions only, in fp32 accumulators; the encoder and ∂f stay dense. Same values as the dense
 products to rounding (tests/dictionaries/test_crosscoder.py); at d=128, F=2048 and L0 ≈ 25 an SAE step takes
@@ -37,7 +37,8 @@ turns them off.
 Exact resume: batch k of the source is a pure function of (seed, k), the schedule is a function of
 the step, and a checkpoint holds the weights, Adam's state, the step, the metric history and the
 running metric window; so a run killed and resumed from its last checkpoint ends bit-for-bit equal
-to an uninterrupted one (on the same machine and thread count).
+to an uninterrupted one (on the same machine; at any thread count, which may change on the way:
+`crosslib.runtime.follow_load`).
 """
 
 from __future__ import annotations

@@ -216,6 +216,39 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _LayerNormColumnSums(torch.autograd.Function):
+    """torch's layer norm with its γ and β gradients computed as column sums.
+
+    torch's own backward splits those sums over the rows among threads, so their rounding, and after
+    2000 steps the whole suite, depended on the thread count. Column sums run one column per thread,
+    the same at any count; so does every other product of a training step (tests/models/test_suite.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        out, mean, rstd = torch.ops.aten.native_layer_norm(x, weight.shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(grad_out, x, weight.shape, mean, rstd, weight,
+                                                                 bias, [True, False, False])  # row by row
+        rows = grad_out.reshape(-1, weight.numel())
+        normalized = ((x - mean) * rstd).reshape(-1, weight.numel())
+        return grad_x, (rows * normalized).sum(0), rows.sum(0), None
+
+
+def thread_invariant_layer_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Make `model`'s LayerNorms train the same at any thread count (`_LayerNormColumnSums`); same forward
+    values, same weights and state dict, so checkpoints are unchanged in form."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.forward = lambda x, m=module: _LayerNormColumnSums.apply(x, m.weight, m.bias, m.eps)
+    return model
+
+
 def _save_snapshot(model, tokenizer_dir: Path, out: Path) -> None:
     """Write `out` (a step{N} folder) atomically: model, tokenizer, then checksums of both."""
     tmp = out.with_name(out.name + ".tmp")
@@ -285,7 +318,7 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
     model_config = config.model_config(tokenizer.eos_token_id)
     # Eager attention: with bf16 autocast it is faster than SDPA on CPU, whose bf16 backward is slow.
     model_config._attn_implementation = "eager"
-    model = GPTNeoXForCausalLM(model_config)
+    model = thread_invariant_layer_norms(GPTNeoXForCausalLM(model_config))
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
     start = 0
     if (folder / STATE_DIR / "state.json").is_file():

@@ -394,11 +394,10 @@ def test_sparse_products_run_only_when_f_is_sparse_and_in_training(monkeypatch):
     calls = _count_sparse_steps(monkeypatch)
     density = float(m(x).active.sum()) / (40 * 64)  # (this forward is in training mode: it may count)
     calls.clear()
-    threads = torch.get_num_threads()  # the limit is SPARSE_MAX_DENSITY / threads
-    monkeypatch.setattr(kernel_module, "SPARSE_MAX_DENSITY", density * threads * 0.99)
+    monkeypatch.setattr(kernel_module, "SPARSE_MAX_DENSITY", density * 0.99)
     m(x)
     assert calls == []  # denser than allowed: dense products
-    monkeypatch.setattr(kernel_module, "SPARSE_MAX_DENSITY", density * threads)
+    monkeypatch.setattr(kernel_module, "SPARSE_MAX_DENSITY", density)
     m(x)
     assert calls == [1]
     m.eval()

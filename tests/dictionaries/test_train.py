@@ -21,7 +21,8 @@ from crosslib.artifacts import ArtifactError
 from crosslib.config import ParameterError
 from crosslib.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
 from crosslib.dictionaries.distributed import SingleProcess
-from crosslib.dictionaries.kernels import KernelOptions
+from crosslib.dictionaries import kernels
+from crosslib.dictionaries.kernels import ActivePattern, KernelOptions
 from crosslib.dictionaries.train import (CHECKPOINT_JSON, DataError, TrainConfig, TrainingDiverged, load_result, train_crosscoder,
                                          train_crosscoder_cached)
 
@@ -347,6 +348,27 @@ def test_the_single_process_context_is_the_default_and_trains_bit_identically():
     assert default.history == explicit.history and default.eval == explicit.eval and default.init == explicit.init
     with pytest.raises(ParameterError, match="parallel="):
         train_crosscoder(source, SMALL_MODEL, SMALL_TRAIN, progress=False, parallel=None)
+
+
+def test_a_dictionary_trains_bit_for_bit_the_same_at_any_thread_count(monkeypatch):
+    """The thread count follows the machine's load (crosslib.runtime.follow_load), so it must change no weight:
+    at the chapters' d and F, bf16, with the sparse products switching on as f gets sparse (the switch-over
+    density used to be divided by the thread count: weights then depended on it)."""
+    source = planted_features(n_rows=4096, n_snapshots=4, d_model=128, n_shared=128, n_partial=128, density=0.01,
+                              seed=3, eval_fraction=0.0)[0]
+    config = CrosscoderConfig(n_snapshots=4, d_model=128, dict_size=512)
+    train = TrainConfig(n_steps=30, batch_size=1024, log_every=3, eval_rows=0, bf16=True, compile=False)
+    # f's density falls from ~19% to ~4% in these steps: switch over half way (the default, 1.75%, comes later)
+    monkeypatch.setattr(kernels, "SPARSE_MAX_DENSITY", 0.08)
+    sparse_steps, original = [], ActivePattern.of
+    monkeypatch.setattr(ActivePattern, "of", classmethod(lambda cls, f: sparse_steps.append(1) or original(f)))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(train_crosscoder(source, config, train, progress=False))
+    assert 0 < len(sparse_steps) < 2 * train.n_steps  # dense steps, then sparse ones
+    assert same_weights(results[0].model, results[1].model)
+    assert results[0].history == results[1].history
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")

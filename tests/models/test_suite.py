@@ -18,7 +18,8 @@ from conftest import micro_suite_config
 from crosslib.config import ParameterError
 from crosslib.constants import PYTHIA_STEPS, pythia_schedule
 from crosslib.models.snapshots import SnapshotError, list_steps, load_snapshot, step_dir
-from crosslib.models.suite import (SuiteConfig, frequent_tokens, lr_at, repeat_periods, resolve_suite, train_suite, training_batch,
+from crosslib.models.suite import (SUITE_PRESETS, SuiteConfig, _param_groups, frequent_tokens, lr_at, repeat_periods,
+                                   resolve_suite, thread_invariant_layer_norms, train_suite, training_batch,
                                    training_log)
 
 
@@ -389,3 +390,43 @@ def test_suite_records_its_precision_and_cpu(tmp_path):
     assert suite_record(suite)["precision"] == "bf16 autocast"
     text = describe_training(suite)
     assert "bf16 autocast" in text and "AMX" in text and machine["aten_cpu_capability"] in text
+
+
+def _train_steps(threads: int, invariant: bool, n_steps: int = 2) -> list[torch.Tensor]:
+    """`n_steps` of the suite trainer's step at the tiny preset's full shape (smaller ones run on one thread)."""
+    import numpy as np
+    from transformers import GPTNeoXForCausalLM
+
+    config = SUITE_PRESETS["tiny"]
+    model_config = config.model_config(eos_token_id=0)
+    model_config._attn_implementation = "eager"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = GPTNeoXForCausalLM(model_config)
+        model = thread_invariant_layer_norms(model) if invariant else model
+        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+        tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=50_000, dtype=np.int32)
+        for step in range(n_steps):
+            batch = training_batch(tokens, step, config, np.arange(config.repeat_vocab))
+            model(input_ids=batch, labels=batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_suite_trains_bit_for_bit_the_same_at_any_thread_count():
+    """The thread count follows the machine's load (crosslib.runtime.follow_load), so it must not change a
+    weight. torch's own layer-norm backward does (it splits the γ/β sums among threads): the control."""
+    one, two = _train_steps(1, invariant=True), _train_steps(2, invariant=True)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    native_one, native_two = _train_steps(1, invariant=False, n_steps=1), _train_steps(2, invariant=False, n_steps=1)
+    assert not all(torch.equal(a, b) for a, b in zip(native_one, native_two))  # what the column sums fix
+    # the same function: after one step the weights agree to rounding (later steps' Adam would turn
+    # rounding-level gradients of near-zero weights into lr-sized moves)
+    one_step = _train_steps(1, invariant=True, n_steps=1)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-3 * 3e-3) for a, b in zip(one_step, native_two))
