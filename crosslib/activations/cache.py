@@ -397,8 +397,9 @@ def _build(partial: Path, plan: _Plan) -> None:
         else contextlib.nullcontext()
     )
     snapshots = []
+    # (on stderr, or under `crosslib book` as lines of its progress log: crosslib.progress)
     bar = tqdm(total=n_tokens * len(config.steps), unit="tok", unit_scale=True, desc=f"caching {config.hook}",
-               disable=not plan.progress, file=sys.stderr)
+               disable=not plan.progress)
     (partial / "progress").mkdir(exist_ok=True)
     for s_index, step in enumerate(config.steps):
         file = f"acts/step{step}.bin"

@@ -372,7 +372,8 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
 
 def describe_training(suite: str | os.PathLike) -> str:
     """One sentence on how a crosslib suite was trained (precision, CPU): bf16 kernels round differently on
-    AVX2, AVX-512 and AMX, so a run's numbers can differ from another machine's."""
+    AVX2, AVX-512 and AMX, so a run's numbers can differ from another machine's. Not the thread count,
+    which changes no weight (`thread_invariant_layer_norms`)."""
     record = suite_record(suite)
     machine = record.get("machine")
     if not machine:
@@ -381,7 +382,7 @@ def describe_training(suite: str | os.PathLike) -> str:
         f", oneDNN capped at {machine['onednn_max_cpu_isa']}" if machine.get("onednn_max_cpu_isa") else "")
     features = ", ".join(name for name, on in (("AMX", machine.get("amx_bf16")), ("AVX-512-BF16", machine.get("avx512_bf16"))) if on)
     return (f"It was trained with {record.get('precision', 'unrecorded precision')} on a CPU with {cpu}"
-            f"{' (' + features + ')' if features else ''}, {machine.get('threads')} thread(s).")
+            f"{' (' + features + ')' if features else ''}.")
 
 
 def suite_record(suite: str | os.PathLike) -> dict[str, Any]:

@@ -651,3 +651,28 @@ def test_derived_tables_carry_checksums_and_are_verified(tmp_path):
     (folder / "metrics.json").unlink()
     with pytest.raises(ArtifactError, match=r"metrics\.json is missing"):
         verify_artifact(folder)
+
+
+def test_the_cache_is_bit_for_bit_the_same_at_any_thread_count(tmp_path):
+    """The thread count follows the machine's load (crosslib.runtime.follow_load): at the tiny suite's width
+    (d 128, batches of 1024 tokens), one and two threads cache the same bytes."""
+    for step in (0, 1):
+        save_step(tmp_path / "suite" / f"step{step}", d=128, seed=step)
+    windows = np.random.default_rng(1).integers(0, VOCAB, size=(128, CONTEXT))
+    config = CacheConfig(suite=str(tmp_path / "suite"), steps=(0, 1), hook=HOOK, dtype="float32", batch_size=64,
+                         eval_fraction=0.0)
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        store = build_store(config, windows, root=tmp_path / f"data{threads}", progress=False)
+        rows.append(store.rows("all", normalise=False))
+    assert torch.equal(rows[0], rows[1])
+
+
+def test_caching_progress_goes_to_the_book_runners_log(suite, windows, tmp_path, monkeypatch):
+    from crosslib.progress import PROGRESS_LOG_ENV
+
+    log = tmp_path / "progress.log"
+    monkeypatch.setenv(PROGRESS_LOG_ENV, str(log))  # as `crosslib book` sets it for a chapter's kernel
+    build_store(cfg(suite, steps=(0,)), windows[:8], root=tmp_path)
+    assert any(line.startswith(f"caching {HOOK}") and "100%" in line for line in log.read_text().splitlines())

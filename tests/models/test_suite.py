@@ -390,6 +390,7 @@ def test_suite_records_its_precision_and_cpu(tmp_path):
     assert suite_record(suite)["precision"] == "bf16 autocast"
     text = describe_training(suite)
     assert "bf16 autocast" in text and "AMX" in text and machine["aten_cpu_capability"] in text
+    assert "thread" not in text  # it changes no weight
 
 
 def _train_steps(threads: int, invariant: bool, n_steps: int = 2) -> list[torch.Tensor]:
