@@ -71,7 +71,7 @@ from crosslib.dictionaries.crosscoder import CrosscoderConfig  # noqa: E402
 from crosslib.dictionaries.kernels import KernelOptions  # noqa: E402
 from crosslib.dictionaries.train import TrainConfig, train_crosscoder  # noqa: E402
 from crosslib.machine import native_bf16  # noqa: E402
-from crosslib.runtime import configure_process  # noqa: E402
+from crosslib.runtime import THREADS_ENV, configure_process  # noqa: E402
 
 D, F, B = 128, 2048, 2048
 TINY_DICT_SIZE = 512  # the tiny preset's dictionaries (its d_model is 128 too)
@@ -242,6 +242,8 @@ def main() -> None:
                         help="intra-op threads for both libraries (default 1; 0 = torch's default)")
     parser.add_argument("--only-efficiency", action="store_true", help="only the crosscoder_bf16_efficiency line")
     args = parser.parse_args()
+    # every measurement here sets its own thread count: keep it (crosslib's default follows the load)
+    os.environ[THREADS_ENV] = "fixed"
     if args.only_efficiency:
         configure_process()
         bf16_efficiency(warm=8 if args.quick else 24, timed=4 if args.quick else 12)

@@ -152,6 +152,10 @@ _FOLLOWER: list[LoadFollower] = []  # the process's follower, made on first use
 def follow_load() -> None:
     """Under `CROSSLIB_THREADS=follow`, set torch's thread count to the cores other processes leave free.
 
+    Never more than torch's thread count when this was first called (one per core, or what
+    OMP_NUM_THREADS or `torch.set_num_threads` gave the process): a program that asked for one thread
+    keeps one, and processes sharing a machine (torchrun's ranks) each see the others' load.
+
     Cheap enough to call at every step of a loop (a clock read; every `FOLLOW_INTERVAL` seconds, two small
     /proc reads). Does nothing elsewhere: when the variable is unset or "fixed" (library use leaves torch
     alone), off Linux, or before torch is loaded.
