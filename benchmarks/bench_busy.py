@@ -18,14 +18,15 @@ Stages, each a short slice of what the first build does (sizes are options):
               be; on benchmarks/bench_train.py's planted activations, step time only (its Clock).
 
 Each setting (torch threads × OpenMP wait policy) runs in a fresh process, because OpenMP reads
-OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when torch loads it. "follow" is `CROSSLIB_THREADS=follow`
-(`crosslib.runtime.follow_load`): each step of a stage's progress bar sets torch's thread count to
-the cores other processes leave free, judged from the last second's CPU accounting; the numbers are
-fixed counts under `CROSSLIB_THREADS=fixed`. Before each timed run the machine is left as it will be
-during it (competitor started or stopped) for `SETTLE_SECONDS`, so the follower's first look sees it:
-the timings are a long stage's steady state, not the one-second reaction. In it every stage is timed quiet, then
+OMP_WAIT_POLICY and GOMP_SPINCOUNT once, when torch loads it. In it every stage is timed quiet, then
 busy (while a competitor, a tight pure-Python loop in a process of its own, runs), alternately,
 `--repeats` times; the best of each is kept (other processes can slow a run, never speed it up).
+"follow" is `CROSSLIB_THREADS=follow` (`crosslib.runtime.follow_load`): each step of a stage's
+progress bar sets torch's thread count to the cores other processes leave free, judged from the last
+second's CPU accounting; the numbers are fixed counts under `CROSSLIB_THREADS=fixed`. Before each
+timed run the machine is left as it will be during it (competitor started or stopped) for
+`SETTLE_SECONDS`, so the follower's first look sees it: the timings are a long stage's steady state,
+not the one-second reaction.
 The competitor is started for each busy run and stopped after it; it also stops by itself as soon
 as the process that started it is gone, so an interrupted run leaves none behind.
 

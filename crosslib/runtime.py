@@ -85,12 +85,13 @@ def tune_allocator() -> bool:
 
 # ----------------------------------------------------------------------------- load-following threads
 # torch's OpenMP threads spin at every barrier. When another process holds one of two cores, the
-# thread that shares a core with it makes the other wait at each barrier: a stage ran 2.6-3.1x slower
+# thread that shares a core with it makes the other wait at each barrier: a stage ran 2.4-3.1x slower
 # at two threads, but at one thread as fast as on a quiet machine (benchmarks/bench_busy.py). So
 # under `CROSSLIB_THREADS=follow` the long loops (every `crosslib.progress` bar calls `follow_load`)
-# use one thread per core that other processes leave free. A thread count changes speed only: torch's
-# CPU kernels split work into the same blocks at any thread count, and the tests check that a trained
-# dictionary does not depend on it.
+# use one thread per core that other processes leave free. That changes speed only: the suite's layer
+# norms (`crosslib.models.suite.thread_invariant_layer_norms`) and the sparse products' switch-over
+# (`crosslib.dictionaries.kernels.sparse_density_limit`) were made independent of the thread count, and
+# the tests train the suite, a cache and a dictionary at one and two threads and compare every bit.
 
 
 class LoadFollower:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ def test_configure_process_turns_following_on_for_itself_and_its_children(monkey
     assert child.stdout.strip() == "follow"
     monkeypatch.setenv(THREADS_ENV, "fixed")
     configure_process()  # a user's choice stays
-    assert runtime.os.environ[THREADS_ENV] == "fixed"
+    assert os.environ[THREADS_ENV] == "fixed"
     monkeypatch.setenv(THREADS_ENV, "4")
     with pytest.raises(ParameterError, match=f"{THREADS_ENV}='4' is not allowed: use one of follow, fixed"):
         configure_process()
