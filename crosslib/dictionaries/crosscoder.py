@@ -138,6 +138,20 @@ class CrosscoderOutput(NamedTuple):
     total_variance: Float[Tensor, " snapshot"]  # Σ_batch ‖x̃^θ − mean_batch x̃^θ‖²: EV = 1 − squared_error/total_variance
 
 
+def _empty_encoder(config: CrosscoderConfig) -> Tensor:
+    """An uninitialised W_E [snapshot, d_model, feature], laid out in memory as the encoder's matmul reads it:
+    [dictionary, feature, snapshot·d_model] row-major. The bf16 copy for each step's matmul is then a plain
+    cast, and the gradient accumulates without a transposing copy (each was a few ms per step); values and
+    saved files are as with the plain layout (a crosscoder has one dictionary, an SAE stack one snapshot
+    per dictionary)."""
+    G, Sg, d, F = config.n_dictionaries, config.snapshots_per_dictionary, config.d_model, config.dict_size
+    if G == 1:
+        return torch.empty(F, Sg, d).permute(1, 2, 0)
+    if Sg == 1:
+        return torch.empty(G, F, d).permute(0, 2, 1)
+    return torch.empty(G * Sg, d, F)
+
+
 class Crosscoder(nn.Module):
     """A crosscoder over `config.n_snapshots` snapshots (an SAE when n_snapshots = 1).
 
@@ -157,7 +171,7 @@ class Crosscoder(nn.Module):
         self.kernels = kernels  # which kernels compute the math below (same values; see crosslib.dictionaries.kernels)
         S, d, F = config.n_snapshots, config.d_model, config.dict_size
         shared = (F,) if not config.independent else (S, F)
-        self.W_E = nn.Parameter(torch.empty(S, d, F))
+        self.W_E = nn.Parameter(_empty_encoder(config))
         self.b_E = nn.Parameter(torch.zeros(shared))
         self.W_D = nn.Parameter(torch.empty(S, F, d))
         self.b_D = nn.Parameter(torch.zeros(S, d))

@@ -472,8 +472,9 @@ def sparse_decode(f: Float[Tensor, "snapshot feature batch"], W_D: Tensor, b_D: 
                   ) -> Float[Tensor, "snapshot d_model batch"]:
     """x̂^θ = W_D^θ f^θ + b_D^θ over f's active positions (`SparseDecode`), batch-last like the dense decoder."""
     x_hat = SparseDecode.apply(f, W_D, b_D, plan)  # [snapshot, batch, d_model]
-    # contiguous: one compiled error kernel per shape
-    return rearrange(x_hat, "snapshot batch d_model -> snapshot d_model batch").contiguous()
+    # a view, not a copy: the error kernels read either layout, and the gradient then comes back
+    # [snapshot, batch, d_model] contiguous, as SparseDecode's backward reads it
+    return rearrange(x_hat, "snapshot batch d_model -> snapshot d_model batch")
 
 
 class SparseDecode(torch.autograd.Function):
@@ -523,7 +524,7 @@ class Encode(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else W_E.dtype
         x = x.to(dtype)
         with torch.autocast(device, enabled=False):
-            h = torch.bmm(W_E.to(dtype).contiguous(), x)  # a row-major W_E: ~15% faster than the transposed view
+            h = torch.bmm(W_E.to(dtype).contiguous(), x)  # row-major W_E (its stored layout): ~15% faster than transposed
         ctx.save_for_backward(x)
         ctx.plan, ctx.W_E_dtype = plan, W_E.dtype
         return h

@@ -301,6 +301,29 @@ def test_save_load_round_trip_and_corruption(tmp_path):
         Crosscoder.load(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("independent", [False, True])
+def test_the_encoder_is_stored_as_its_matmul_reads_it(independent, tmp_path):
+    """W_E [snapshot, d_model, feature] lies in memory as [dictionary, feature, snapshot·d_model]: the encoder's
+    view of it is W_E's own memory (no transposing copy per step), its gradient arrives in that layout, and a
+    saved file holds the plain [snapshot, d_model, feature] array."""
+    from einops import rearrange
+
+    m = _model(S=3, independent=independent)
+    G = m.config.n_dictionaries
+    view = rearrange(m.W_E, "(dictionary snapshot) d_model feature -> dictionary feature (snapshot d_model)",
+                     dictionary=G)
+    assert view.is_contiguous() and view.data_ptr() == m.W_E.data_ptr()
+    assert not m.W_E.is_contiguous()  # (the test would pass for any layout otherwise)
+    m.train()
+    m(torch.randn(64, 3, 8)).loss.backward()
+    assert m.W_E.grad.stride() == m.W_E.stride()
+    m.save(tmp_path / "m")
+    back = Crosscoder.load(tmp_path / "m")
+    assert back.W_E.stride() == m.W_E.stride() and torch.equal(back.W_E, m.W_E)
+    import safetensors.torch
+    assert torch.equal(safetensors.torch.load_file(tmp_path / "m" / WEIGHTS_FILE)["W_E"], m.W_E.detach().contiguous())
+
+
 def test_load_refuses_a_config_that_does_not_match_the_weights(tmp_path):
     import json
 
