@@ -231,7 +231,7 @@ def _as_rows(batch: Any, name: str) -> Float[np.ndarray, "batch feature"]:
         batch = batch.detach().to("cpu")
         if batch.dtype not in (torch.float32, torch.float64):  # fp16/bf16 caches: numpy lacks bf16
             batch = batch.to(torch.float32)
-        batch = batch.numpy()
+        batch = batch.contiguous().numpy()  # (torch transposes ~3x faster than numpy)
     try:
         array = np.asarray(batch)
         if array.dtype not in (np.float32, np.float64):
@@ -246,7 +246,9 @@ def _as_rows(batch: Any, name: str) -> Float[np.ndarray, "batch feature"]:
         )
     if not np.isfinite(array).all():
         raise ParameterError(f"{name} contains NaN or infinite activations: check the encoder and its inputs")
-    return array
+    # row-major once: an encoder's output is feature-major in memory, and every pass below reads rows
+    # (on such a view each reshape and nonzero made its own strided copy, most of the statistics' time)
+    return np.ascontiguousarray(array)
 
 
 # One layer's batch, as the cross products want it: a dense float64 array, or a float64 CSR

@@ -84,7 +84,7 @@ from crosslib.config import (Check, Config, ParameterError, boolean, choice, is_
                              positive_int, require, require_positive)
 from crosslib.dictionaries.distributed import SINGLE_PROCESS, ShardingContext
 from crosslib.dictionaries.kernels import (Encode, JumpReLU, JumpReLUTanh, KernelOptions, SparsePlan, SquaredError,
-                                           sparse_decode)
+                                           jumprelu_gate, sparse_decode)
 
 ACTIVATIONS = ("jumprelu", "relu", "topk")
 SPARSITIES = ("tanh-quad", "l1")
@@ -324,7 +324,14 @@ class Crosscoder(nn.Module):
     def encode(self, x: Float[Tensor, "batch snapshot d_model"]) -> Float[Tensor, "batch snapshot feature"]:
         """Feature activations f^θ (no gradient; use forward() for training)."""
         self._check_input(x)
-        f, _, _ = self.activate(self.pre_activation(x), self.decoder_norms())
+        h, norms = self.pre_activation(x), self.decoder_norms()
+        cfg = self.config
+        if cfg.activation == "jumprelu" and cfg.sparsity == "tanh-quad" and self.kernels.fused:  # no penalty sum
+            G, F, B = h.shape
+            f, _ = jumprelu_gate(h, torch.zeros((G, F), dtype=h.dtype, device=h.device), norms.view(G, -1, F),
+                                 self.log_threshold.view(G, F), self.kernels.compiled)
+            return rearrange(f, "dictionary snapshot feature batch -> batch (dictionary snapshot) feature")
+        f, _, _ = self.activate(h, norms)
         return rearrange(f, "snapshot feature batch -> batch snapshot feature")
 
     def decode(self, f: Float[Tensor, "batch snapshot feature"]) -> Float[Tensor, "batch snapshot d_model"]:

@@ -204,6 +204,20 @@ def _run_kernel(name: str, compiled: bool, *args: Any) -> Any:
     return _kernel(name, False)(*args)
 
 
+def jumprelu_gate(h: Tensor, bias: Tensor, norms: Tensor, log_threshold: Tensor, compiled: bool
+                  ) -> tuple[Tensor, Tensor]:
+    """f [dictionary, snapshot, feature, batch] and #active rows [dictionary, snapshot, feature]: the fused
+    gate's forward pass without the penalty's sum (what encoding needs; `JumpReLUTanh` adds the sum)."""
+    G, F, B = h.shape
+    if compiled:
+        return _run_kernel("gate", True, h, bias, norms, log_threshold)
+    f = h.new_empty(G, norms.shape[1], F, B)
+    active = torch.empty(norms.shape, dtype=torch.int32, device=h.device)
+    for i in _chunks(F, norms.shape[1] * B):
+        f[:, :, i], active[:, :, i] = _gate_forward(h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i])
+    return f, active
+
+
 class JumpReLUTanh(torch.autograd.Function):
     """(f, Σ_batch tanh(c f‖W_D‖)): the JumpReLU gate fused with the tanh-quad penalty's sum.
 
@@ -223,13 +237,7 @@ class JumpReLUTanh(torch.autograd.Function):
         ctx.save_for_backward(h, bias, norms, log_threshold)
         ctx.bandwidth, ctx.c, ctx.compiled = bandwidth, c, compiled
         G, F, B = h.shape
-        if compiled:
-            f, active = _run_kernel("gate", True, h, bias, norms, log_threshold)
-        else:
-            f = h.new_empty(G, norms.shape[1], F, B)
-            active = torch.empty(norms.shape, dtype=torch.int32, device=h.device)
-            for i in _chunks(F, norms.shape[1] * B):
-                f[:, :, i], active[:, :, i] = _gate_forward(h[:, i], bias[:, i], norms[:, :, i], log_threshold[:, i])
+        f, active = jumprelu_gate(h, bias, norms, log_threshold, compiled)
         ctx.plan = plan if plan is not None and plan.sparse_enough(active, f) else None
         if ctx.plan is not None:
             plan.pattern = ActivePattern.of(f.view(-1, F, B))

@@ -439,3 +439,15 @@ def test_communities_spanning_three_layers_and_chains_over_time():
     assert table["chain_share"].tolist() == pytest.approx([0.0, 1.0])
     with pytest.raises(ParameterError):
         chains_over_time({}, config)
+
+
+def test_an_encoders_feature_major_output_is_read_as_rows_once():
+    """SAE outputs are views of feature-major memory; the statistics make them row-major once (each later
+    reshape or nonzero on the view made a strided copy), with the same values."""
+    from crosslib.analyses.crosslayer_statistics import _as_rows
+
+    feature_major = torch.randn(16, 40).relu().t()  # [batch 40, feature 16], feature-major memory
+    rows = _as_rows(feature_major, "batch")
+    assert rows.flags.c_contiguous and np.array_equal(rows, feature_major.numpy())
+    rows = _as_rows(feature_major.numpy(), "batch")
+    assert rows.flags.c_contiguous and np.array_equal(rows, feature_major.numpy())

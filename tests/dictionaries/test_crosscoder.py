@@ -127,6 +127,18 @@ def test_fused_kernel_equals_the_written_out_math(independent):
         assert torch.allclose(ga[name], gb[name], rtol=1e-5, atol=1e-5), name
 
 
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("kernels", [KernelOptions(), KernelOptions(fused=False), KernelOptions(compiled=True)])
+def test_encode_gives_the_features_of_the_forward_pass(independent, kernels):
+    """encode() skips the penalty's sum but keeps the gate: bit for bit the forward pass's f."""
+    m = _model(independent=independent, kernels=kernels)
+    x = torch.randn(64, 3, 8)
+    with torch.no_grad():
+        features = m(x).features
+    assert (features > 0).any() and (features == 0).any()
+    assert torch.equal(m.encode(x), features)
+
+
 def test_the_math_reads_like_the_equations():
     """Check forward() against a direct loop over snapshots and features (paper's formulas)."""
     m = _model(S=2, d=5, F=6)
