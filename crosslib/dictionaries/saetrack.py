@@ -249,7 +249,9 @@ def shift_biases(model: Crosscoder, shift: Float[Tensor, " d_model"]) -> Crossco
     feature's pre-activation on (x + shift) equals the original's on x."""
     moved = Crosscoder.from_state(model.config, model.state_dict())
     moved.b_D.add_(shift.to(moved.b_D.dtype)[None, :])
-    encoder_shift = einsum(moved.W_E[0], shift.to(moved.W_E.dtype), "d_model feature, d_model -> feature")
+    # W_E[0] in [d_model, feature] memory order: a matrix-vector product's rounding depends on the matrix's
+    # layout, and W_E is stored feature-major for training (crosslib.dictionaries.crosscoder._empty_encoder)
+    encoder_shift = einsum(moved.W_E[0].contiguous(), shift.to(moved.W_E.dtype), "d_model feature, d_model -> feature")
     moved.b_E.sub_(encoder_shift.view(moved.b_E.shape))
     return moved
 
