@@ -229,12 +229,14 @@ class Crosscoder(nn.Module):
         return parallel.sum_over_heads(h)  # other processes may hold other snapshots' terms
 
     def activate(self, h: Float[Tensor, "dictionary feature batch"], norms: Float[Tensor, "snapshot feature"],
-                 *, add_bias: bool = False, plan: SparsePlan | None = None
+                 *, add_bias: bool = False, plan: SparsePlan | None = None, penalty: bool = True
                  ) -> tuple[Float[Tensor, "snapshot feature batch"],
-                                                     Float[Tensor, "dictionary feature"], Int[Tensor, "snapshot feature"]]:
+                            Float[Tensor, "dictionary feature"] | None, Int[Tensor, "snapshot feature"]]:
         """f^θ; Σ over batch and the dictionary's snapshots of φ(f‖W_D‖); #active rows per (snapshot, feature).
 
         φ(u) = tanh(c u) for tanh-quad, u for l1. With `add_bias`, `h` lacks b_E and it is added here.
+        `penalty=False` skips φ's sum (None in its place): encoding needs f only, and the tanh is most of
+        the gate's cost.
         """
         cfg = self.config
         G, F, B = h.shape
@@ -242,8 +244,11 @@ class Crosscoder(nn.Module):
         t = self.log_threshold.view(G, F)
         if cfg.activation == "jumprelu" and cfg.sparsity == "tanh-quad" and self.kernels.fused:
             bias = self.b_E.view(G, F) if add_bias else torch.zeros((G, F), dtype=h.dtype, device=h.device)
-            f, phi, active = JumpReLUTanh.apply(h, bias, norms, t, cfg.bandwidth, cfg.tanh_scale, self.kernels.compiled,
-                                                plan)
+            if penalty:
+                f, phi, active = JumpReLUTanh.apply(h, bias, norms, t, cfg.bandwidth, cfg.tanh_scale,
+                                                    self.kernels.compiled, plan)
+            else:
+                (f, active), phi = jumprelu_gate(h, bias, norms, t, self.kernels.compiled), None
         else:
             if add_bias:
                 h = h + self.b_E.view(G, F, 1).to(h.dtype)
@@ -257,10 +262,10 @@ class Crosscoder(nn.Module):
                 f = torch.where(keep, h.relu(), 0.0)[:, None].expand(G, norms.shape[1], F, B)
             f_norm = f * norms[..., None]  # f_i^θ ‖W_D,i^θ‖
             phi = reduce((torch.tanh(cfg.tanh_scale * f_norm) if cfg.sparsity == "tanh-quad" else f_norm).float(),
-                         "dictionary snapshot feature batch -> dictionary snapshot feature", "sum")
+                         "dictionary snapshot feature batch -> dictionary snapshot feature", "sum") if penalty else None
             active = (f.detach() > 0).sum(3, dtype=torch.int32)
         f = rearrange(f, "dictionary snapshot feature batch -> (dictionary snapshot) feature batch")
-        phi_sum = reduce(phi, "dictionary snapshot feature -> dictionary feature", "sum")
+        phi_sum = reduce(phi, "dictionary snapshot feature -> dictionary feature", "sum") if penalty else None
         return f, phi_sum, active.view(-1, F)
 
     def decode_batch_last(self, f: Float[Tensor, "snapshot feature batch"]) -> Float[Tensor, "snapshot d_model batch"]:
@@ -324,14 +329,7 @@ class Crosscoder(nn.Module):
     def encode(self, x: Float[Tensor, "batch snapshot d_model"]) -> Float[Tensor, "batch snapshot feature"]:
         """Feature activations f^θ (no gradient; use forward() for training)."""
         self._check_input(x)
-        h, norms = self.pre_activation(x), self.decoder_norms()
-        cfg = self.config
-        if cfg.activation == "jumprelu" and cfg.sparsity == "tanh-quad" and self.kernels.fused:  # no penalty sum
-            G, F, B = h.shape
-            f, _ = jumprelu_gate(h, torch.zeros((G, F), dtype=h.dtype, device=h.device), norms.view(G, -1, F),
-                                 self.log_threshold.view(G, F), self.kernels.compiled)
-            return rearrange(f, "dictionary snapshot feature batch -> batch (dictionary snapshot) feature")
-        f, _, _ = self.activate(h, norms)
+        f, _, _ = self.activate(self.pre_activation(x), self.decoder_norms(), penalty=False)
         return rearrange(f, "snapshot feature batch -> batch snapshot feature")
 
     def decode(self, f: Float[Tensor, "batch snapshot feature"]) -> Float[Tensor, "batch snapshot d_model"]:

@@ -362,8 +362,8 @@ def load_optimizer_tensors(model: Crosscoder, optimizer: torch.optim.Adam, tenso
         param = getattr(model, name)
         if f"optim.{name}.step" not in tensors:
             continue
-        # Adam's moments in the parameter's memory layout (W_E is stored transposed: crosslib.dictionaries.crosscoder._empty_encoder):
-        # the fused step pairs elements by memory position, not by index
+        # Adam's moments in the parameter's memory layout (W_E is stored transposed:
+        # crosslib.dictionaries.crosscoder._empty_encoder): the fused step pairs elements by memory position
         optimizer.state[param] = {
             "step": tensors[f"optim.{name}.step"].clone().to(torch.float32),
             "exp_avg": torch.empty_like(param).copy_(tensors[f"optim.{name}.exp_avg"]),
