@@ -282,12 +282,14 @@ class Crosscoder(nn.Module):
         return n_snapshots * p.sum()  # Σ_θ mean_batch Σ_i f_i^θ ‖W_D,i^θ‖ (Anthropic's penalty)
 
     def forward(self, x: Float[Tensor, "batch snapshot d_model"], *, sparsity_coefficient: float = 1.0,
-                parallel: ShardingContext = SINGLE_PROCESS) -> CrosscoderOutput:
+                parallel: ShardingContext = SINGLE_PROCESS, penalty: bool = True) -> CrosscoderOutput:
         """Reconstruct `x` (already normalised) and compute the loss.
 
         `parallel` (a crosslib.dictionaries.distributed.ShardingContext; one process by default) makes this process
         compute its share of a model sharded over snapshots and/or data; the shares' losses sum to the
-        full loss.
+        full loss. `penalty=False` measures the reconstruction alone (initialisation, evaluation): the
+        penalty's tanh, most of an eager forward's time, is skipped, `sparsity_loss` is NaN and `loss` is
+        the reconstruction term.
         """
         self._check_input(x)
         cfg = self.config
@@ -299,7 +301,8 @@ class Crosscoder(nn.Module):
                                    self.training)
         h = self.encoder_sum(x, parallel=parallel, plan=plan)  # Σ_θ W_E^θ x̃^θ; b_E is added inside activate()
         norms = self.decoder_norms()
-        f, phi_sum, active = self.activate(h, norms, add_bias=True, plan=plan)  # the fused gate may fill the plan
+        f, phi_sum, active = self.activate(h, norms, add_bias=True, plan=plan,  # the fused gate may fill the plan
+                                           penalty=penalty)
         if plan is not None and plan.covers(active, f):
             x_hat = sparse_decode(f, self.W_D, self.b_D, plan)
         else:
@@ -311,10 +314,13 @@ class Crosscoder(nn.Module):
         # the paper's objective (tanh-quad, and topk) averages the squared error over the batch and the
         # snapshots, like the authors' library; Anthropic's l1 objective sums it over snapshots
         reconstruction_loss = error.sum() / (rows if cfg.sparsity == "l1" else rows * snapshots)
-        phi_sum = parallel.sum_penalty_statistic(phi_sum)  # p̂ averages over every process's rows and snapshots
-        sparsity_loss = self.sparsity_penalty(phi_sum, rows, snapshots)
-        # each of the penalty_replicas processes that compute the same penalty holds 1/penalty_replicas of it
-        loss = reconstruction_loss + sparsity_coefficient * sparsity_loss / parallel.penalty_replicas
+        if penalty:
+            phi_sum = parallel.sum_penalty_statistic(phi_sum)  # p̂ averages over every process's rows and snapshots
+            sparsity_loss = self.sparsity_penalty(phi_sum, rows, snapshots)
+            # each of the penalty_replicas processes that compute the same penalty holds 1/penalty_replicas of it
+            loss = reconstruction_loss + sparsity_coefficient * sparsity_loss / parallel.penalty_replicas
+        else:
+            sparsity_loss, loss = torch.full_like(reconstruction_loss, float("nan")), reconstruction_loss
         return CrosscoderOutput(
             reconstruction=rearrange(x_hat, "snapshot d_model batch -> batch snapshot d_model"),
             features=rearrange(f, "snapshot feature batch -> batch snapshot feature"),

@@ -237,7 +237,7 @@ def _search_decoder_norm(model: Crosscoder, x: Tensor, grid: tuple[float, ...], 
     mse: dict[str, float] = {}
     for norm in grid:
         model.set_decoder_norm(float(norm))
-        loss = model(x, sparsity_coefficient=0.0, parallel=parallel).reconstruction_loss
+        loss = model(x, parallel=parallel, penalty=False).reconstruction_loss
         mse[repr(float(norm))] = float(parallel.sum_scalar(loss, over="all"))
     best = min(grid, key=lambda v: mse[repr(float(v))])
     model.set_decoder_norm(float(best))
@@ -308,7 +308,7 @@ def evaluate(model: Crosscoder, source: ActivationSource, *, split: str = "eval"
     for start in range(0, x_all.shape[0], batch_size):
         x = x_all[start:start + batch_size].to(device)
         with _autocast(device, bf16), _eager(model):
-            out = model(x, sparsity_coefficient=0.0, parallel=parallel)
+            out = model(x, parallel=parallel, penalty=False)
         sums["squared_error"] += out.squared_error.double().cpu()
         sums["active"] += out.active.sum(1).double().cpu()
         sums["fired"] += out.active.double().cpu()  # rows on which each (snapshot, feature) fires

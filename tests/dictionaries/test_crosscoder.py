@@ -16,6 +16,9 @@ from crosslib.dictionaries.crosscoder import Crosscoder, CrosscoderConfig, WEIGH
 from crosslib.dictionaries.kernels import ActivePattern, JumpReLU, JumpReLUTanh, KernelOptions
 
 
+KERNEL_VARIANTS = [KernelOptions(), KernelOptions(fused=False), KernelOptions(compiled=True)]
+
+
 def _model(S=3, d=8, F=16, seed=1, kernels=KernelOptions(), **kw) -> Crosscoder:
     """A model with varied decoder norms, thresholds and biases, so gates open and close."""
     cfg = CrosscoderConfig(n_snapshots=S, d_model=d, dict_size=F, decoder_init_norm=0.5, **kw)
@@ -128,7 +131,7 @@ def test_fused_kernel_equals_the_written_out_math(independent):
 
 
 @pytest.mark.parametrize("independent", [False, True])
-@pytest.mark.parametrize("kernels", [KernelOptions(), KernelOptions(fused=False), KernelOptions(compiled=True)])
+@pytest.mark.parametrize("kernels", KERNEL_VARIANTS)
 def test_encode_gives_the_features_of_the_forward_pass(independent, kernels):
     """encode() skips the penalty's sum but keeps the gate: bit for bit the forward pass's f."""
     m = _model(independent=independent, kernels=kernels)
@@ -137,6 +140,22 @@ def test_encode_gives_the_features_of_the_forward_pass(independent, kernels):
         features = m(x).features
     assert (features > 0).any() and (features == 0).any()
     assert torch.equal(m.encode(x), features)
+
+
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("kernels", KERNEL_VARIANTS)
+def test_a_forward_without_the_penalty_reconstructs_the_same(independent, kernels):
+    """penalty=False (initialisation, evaluation) skips the tanh but not the gate: the same reconstruction,
+    error and activity bit for bit, the reconstruction term as the loss, and no penalty to misread."""
+    m = _model(independent=independent, kernels=kernels)
+    x = torch.randn(64, 3, 8)
+    with torch.no_grad():
+        full, measured = m(x, sparsity_coefficient=0.3), m(x, sparsity_coefficient=0.3, penalty=False)
+    assert (full.active > 0).any()
+    for name in ("reconstruction", "features", "reconstruction_loss", "squared_error", "active", "total_variance"):
+        assert torch.equal(getattr(measured, name), getattr(full, name)), name
+    assert torch.equal(measured.loss, full.reconstruction_loss) and not torch.equal(full.loss, measured.loss)
+    assert torch.isnan(measured.sparsity_loss)
 
 
 def test_the_math_reads_like_the_equations():
