@@ -226,10 +226,48 @@ def build_artifact(
     `build` writes into `partial_dir`, which keeps whatever an interrupted earlier attempt left
     there (so builds can resume); it must leave the directory complete when it returns.
     """
-    final = artifact_dir(kind, config, root)
-    if (final / CONFIG_FILE).is_file():
-        verify_artifact(final)
-        return final
+    return build_artifacts(kind, [config], lambda partials: build(partials[0]), root)[0]
+
+
+def build_artifacts(
+    kind: str,
+    configs: list[Config],
+    build: Callable[[dict[int, Path]], None],
+    root: str | os.PathLike | None = None,
+) -> list[Path]:
+    """`build_artifact` for artifacts made in one computation (stores of several hooks read in one pass).
+
+    `build({index: partial_dir})` builds the artifacts of `configs` that are not published yet, each
+    into its own partial directory; each is then published on its own, as `build_artifact` does.
+    """
+    finals = [artifact_dir(kind, config, root) for config in configs]
+    missing = [i for i, final in enumerate(finals) if not (final / CONFIG_FILE).is_file()]
+    for i in set(range(len(finals))) - set(missing):
+        verify_artifact(finals[i])
+    if not missing:
+        return finals
+    finals[missing[0]].parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        # every process takes the locks in one order (by key), so two builders of overlapping sets cannot deadlock
+        for i in sorted(missing, key=lambda i: finals[i].name):
+            held.enter_context(locked(finals[i].with_suffix(".lock"),
+                                      message=f"waiting for another process building {display_path(finals[i])}"))
+        for i in [i for i in missing if (finals[i] / CONFIG_FILE).is_file()]:  # built by a process we waited for
+            verify_artifact(finals[i])
+            missing.remove(i)
+        partials = {i: finals[i].with_name(finals[i].name + ".partial") for i in missing}
+        for partial in partials.values():
+            partial.mkdir(exist_ok=True)
+        if partials:
+            build(partials)
+        for i, partial in partials.items():
+            record_checksums(partial)
+            # The config is written last: its presence marks a complete artifact.
+            atomic_write_text(partial / CONFIG_FILE, configs[i].to_json() + "\n")
+            if finals[i].exists():  # a stale, incomplete directory (no config.json)
+                shutil.rmtree(finals[i])
+            os.replace(partial, finals[i])
+    return finals
     final.parent.mkdir(parents=True, exist_ok=True)
     with locked(final.with_suffix(".lock"), message=f"waiting for another process building {display_path(final)}"):
         if (final / CONFIG_FILE).is_file():  # built by the process we waited for

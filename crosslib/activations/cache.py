@@ -3,7 +3,8 @@
     store = build_store(CacheConfig(suite, steps=(0, 64, 512), hook="blocks.2.hook_resid_post"), windows)
 
 `build_store` runs every snapshot over the token windows and writes a store whose layout, and the
-`ActivationStore` that reads it, are in `crosslib.activations.store`; it returns the opened store. While
+`ActivationStore` that reads it, are in `crosslib.activations.store`; it returns the opened store.
+`build_stores` builds the stores of several hooks (a model's layers) in one pass of each snapshot. While
 building, ``<key>.partial/`` also holds ``progress/step{N}.jsonl``: one line per finished chunk
 (its SHA-256 and norm sum), appended after the chunk's bytes are written.
 
@@ -40,14 +41,14 @@ from crosslib.artifacts import (
     ArtifactError,
     artifact_dir,
     atomic_write_json,
-    build_artifact,
+    build_artifacts,
     display_path,
     read_json,
     sha256_file,
 )
 from crosslib.config import (Check, Config, Convert, ParameterError, choice, fraction, is_int, lists_as_tuples,
                              positive_int, require)
-from crosslib.models.hooks import HookPoint, capture, parse_hook, validate_hook
+from crosslib.models.hooks import HookPoint, capture_all, parse_hook, validate_hook
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -276,48 +277,77 @@ def build_store(
     behind; one that is killed resumes from its finished chunks when called again. A second
     process asking for the same store meanwhile waits for the first one.
     """
-    plan = _prepare(config, token_windows)
-    plan.progress = progress
-    identity, d_model = plan.identity, plan.d_model
-    n_windows, context = plan.n_windows, plan.context
-    final = artifact_dir(KIND, identity, root)
-    if (final / CONFIG_FILE).is_file():
-        return open_store(final, verify=verify)
+    return build_stores([config], token_windows, root, verify=verify, progress=progress)[0]
 
-    n_tokens = n_windows * context
-    item = DTYPES[config.dtype][1].itemsize
-    activations = n_tokens * d_model * item * len(config.steps)
-    estimate = activations + n_tokens * 4  # + the int32 token windows
-    partial = final.with_name(final.name + ".partial")
-    free = _disk_usage(final).free
-    # Operational (disk space, paths): stderr, never a published notebook's output.
-    print(
-        f"activation cache {config.hook}: {n_tokens:,} tokens x d={d_model} x {item} B ({config.dtype}) x "
-        f"{len(config.steps)} snapshots = {_human(activations)} (+ {_human(n_tokens * 4)} of tokens) on disk; "
-        f"free: {_human(free)}",
-        file=sys.stderr, flush=True,
-    )
-    missing = estimate - _allocated_bytes(partial) - free
+
+def build_stores(
+    configs: list[CacheConfig],
+    token_windows: np.ndarray,
+    root: str | os.PathLike | None = None,
+    *,
+    verify: bool = True,
+    progress: bool = True,
+) -> list["ActivationStore"]:
+    """`build_store` for configs that differ in their hook only, built together: each snapshot runs
+    once over the windows for all of them (built one by one, a layer's store runs every layer below
+    it again). Each store is its own artifact, byte for byte what `build_store` makes of its config.
+    """
+    configs = list(configs) if isinstance(configs, (list, tuple)) else configs
+    require(isinstance(configs, list) and len(configs) > 0 and all(isinstance(c, CacheConfig) for c in configs),
+            "configs", configs, "a non-empty list of CacheConfig")
+    hooks = [c.hook for c in configs]
+    require(len(set(hooks)) == len(hooks) and all(c.replace(hook=configs[0].hook) == configs[0] for c in configs),
+            "configs", hooks, "CacheConfigs that differ in their hook only, each hook once")
+    plans = [_prepare(config, token_windows) for config in configs]
+    finals = [artifact_dir(KIND, plan.identity, root) for plan in plans]
+    missing = [i for i, final in enumerate(finals) if not (final / CONFIG_FILE).is_file()]
+    if not missing:
+        return [open_store(final, verify=verify) for final in finals]
+    _check_disk([plans[i] for i in missing], [finals[i] for i in missing])
+    for plan in plans:
+        plan.progress = progress
+
+    built_here: set[int] = set()
+
+    def build(partials: dict[int, Path]) -> None:
+        try:
+            _build([(partials[i], plans[i]) for i in sorted(partials)])
+        except (CacheError, ParameterError):
+            for partial in partials.values():  # deterministic failures: leave nothing behind
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        built_here.update(partials)
+
+    paths = build_artifacts(KIND, [plan.identity for plan in plans], build, root)
+    # A store this call just wrote was checksummed as it was written; one built by another process is verified.
+    return [open_store(path, verify=verify and i not in built_here) for i, path in enumerate(paths)]
+
+
+def _check_disk(plans: list["_Plan"], finals: list[Path]) -> None:
+    """Say what the stores will take on disk; refuse, before computing anything, if the disk lacks it."""
+    needed = written = 0
+    for plan, final in zip(plans, finals):
+        config = plan.config
+        n_tokens = plan.n_windows * plan.context
+        item = DTYPES[config.dtype][1].itemsize
+        activations = n_tokens * plan.d_model * item * len(config.steps)
+        free = _disk_usage(final).free
+        # Operational (disk space, paths): stderr, never a published notebook's output.
+        print(
+            f"activation cache {config.hook}: {n_tokens:,} tokens x d={plan.d_model} x {item} B ({config.dtype}) x "
+            f"{len(config.steps)} snapshots = {_human(activations)} (+ {_human(n_tokens * 4)} of tokens) on disk; "
+            f"free: {_human(free)}",
+            file=sys.stderr, flush=True,
+        )
+        needed += activations + n_tokens * 4  # + the int32 token windows
+        written += _allocated_bytes(final.with_name(final.name + ".partial"))  # by an interrupted build
+    missing = needed - written - free
     if missing > 0:
         raise CacheError(
-            f"not enough free disk for the activation cache: it needs {_human(estimate)} and {display_path(final.parent)} has "
-            f"{_human(free)} free. Free {_human(missing)} or more, point root (or $CROSSLIB_DATA) at a bigger "
-            "disk, or cache fewer tokens or snapshots (or dtype='float16'/'bfloat16')"
+            f"not enough free disk for the activation cache: it needs {_human(needed)} and "
+            f"{display_path(finals[0].parent)} has {_human(free)} free. Free {_human(missing)} or more, point root "
+            "(or $CROSSLIB_DATA) at a bigger disk, or cache fewer tokens or snapshots (or dtype='float16'/'bfloat16')"
         )
-
-    built_here = []
-
-    def build(partial_dir: Path) -> None:
-        try:
-            _build(partial_dir, plan)
-        except (CacheError, ParameterError):
-            shutil.rmtree(partial_dir, ignore_errors=True)  # deterministic failures: leave nothing behind
-            raise
-        built_here.append(True)
-
-    path = build_artifact(KIND, identity, build, root)
-    # A store this call just wrote was checksummed as it was written; one built by another process is verified.
-    return open_store(path, verify=verify and not built_here)
 
 
 @dataclasses.dataclass
@@ -376,53 +406,61 @@ def _write_tokens(path: Path, tokens: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _build(partial: Path, plan: _Plan) -> None:
+@dataclasses.dataclass
+class _Output:
+    """One store being written, at one snapshot: its file, progress log and finished chunks."""
+
+    partial: Path
+    plan: _Plan
+    fd: int = -1
+    log: int = -1
+    done: dict[int, dict] = dataclasses.field(default_factory=dict)
+
+
+def _build(jobs: list[tuple[Path, _Plan]]) -> None:
+    """Write the stores of `jobs` (partial folder, plan; the plans differ in their hook only): each
+    snapshot runs once over the windows, and each store takes its hook's activations."""
     from crosslib.progress import progress as tqdm
 
     from crosslib.models.snapshots import load_snapshot
 
+    outputs = [_Output(partial, plan) for partial, plan in jobs]
+    plan = outputs[0].plan  # what the stores share: snapshots, windows, chunks, dtypes
     config, context = plan.config, plan.context
     torch_dtype, np_dtype = DTYPES[config.dtype]
     row_bytes = plan.d_model * np_dtype.itemsize
     n_tokens = plan.n_windows * context
-    for stale in partial.rglob("*.tmp"):  # temp files of atomic writes cut short by a kill
-        stale.unlink(missing_ok=True)
-    tokens_sha = _write_tokens(partial / TOKENS_FILE, plan.tokens)
-    (partial / "acts").mkdir(exist_ok=True)
-    previous = read_json(partial / MANIFEST_FILE) if (partial / MANIFEST_FILE).is_file() else None
+    tokens_sha, previous, snapshots = [], [], [[] for _ in outputs]
+    for out in outputs:
+        for stale in out.partial.rglob("*.tmp"):  # temp files of atomic writes cut short by a kill
+            stale.unlink(missing_ok=True)
+        tokens_sha.append(_write_tokens(out.partial / TOKENS_FILE, out.plan.tokens))
+        (out.partial / "acts").mkdir(exist_ok=True)
+        (out.partial / "progress").mkdir(exist_ok=True)
+        manifest = out.partial / MANIFEST_FILE
+        previous.append(read_json(manifest) if manifest.is_file() else None)
     device = torch.device(config.device)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if config.compute_dtype == "bfloat16"
         else contextlib.nullcontext()
     )
-    snapshots = []
+    hooks = [out.plan.config.hook for out in outputs]
     # (on stderr, or under `crosslib book` as lines of its progress log: crosslib.progress)
-    bar = tqdm(total=n_tokens * len(config.steps), unit="tok", unit_scale=True, desc=f"caching {config.hook}",
+    bar = tqdm(total=n_tokens * len(config.steps) * len(outputs), unit="tok", unit_scale=True,
+               desc=f"caching {', '.join(hooks) if len(hooks) < 3 else f'{len(hooks)} hooks, {hooks[0]} to {hooks[-1]}'}",
                disable=not plan.progress)
-    (partial / "progress").mkdir(exist_ok=True)
     for s_index, step in enumerate(config.steps):
         file = f"acts/step{step}.bin"
-        log_path = partial / "progress" / f"step{step}.jsonl"
-        fd = os.open(partial / file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if os.fstat(fd).st_size != n_tokens * row_bytes:
-                os.ftruncate(fd, n_tokens * row_bytes)
-            # Finished chunks: those recorded (in the progress log or an earlier manifest) whose bytes on
-            # disk still match the recorded checksum. Nothing else is trusted, so no fsync is needed for
-            # correctness: a chunk whose bytes were lost is simply computed again.
-            records: dict[int, dict] = {}
-            if previous is not None and s_index < len(previous.get("snapshots", [])):
-                records.update(enumerate(previous["snapshots"][s_index]["chunks"]))
-            records.update(_read_progress(log_path))
-            done: dict[int, dict] = {}
-            for c, rec in sorted(records.items()):
-                if 0 <= c < plan.n_chunks:
-                    offset, n_bytes = plan.chunk_span(c, row_bytes)
-                    if rec.get("sha256") == chunk_sha256(fd, offset, n_bytes):
-                        done[c] = {"sha256": rec["sha256"], "norm_sum": rec["norm_sum"]}
-            bar.update(sum(plan.chunk_span(c, row_bytes)[1] // row_bytes for c in done))
-            todo = [c for c in range(plan.n_chunks) if c not in done]
+        with contextlib.ExitStack() as opened:
+            for out, earlier in zip(outputs, previous):
+                out.fd = os.open(out.partial / file, os.O_RDWR | os.O_CREAT, 0o644)
+                opened.callback(os.close, out.fd)
+                if os.fstat(out.fd).st_size != n_tokens * row_bytes:
+                    os.ftruncate(out.fd, n_tokens * row_bytes)
+                out.done = _finished_chunks(out, earlier, s_index, step, row_bytes)
+                bar.update(sum(plan.chunk_span(c, row_bytes)[1] // row_bytes for c in out.done))
+            todo = sorted({c for c in range(plan.n_chunks) for out in outputs if c not in out.done})
             if todo:
                 model, _ = load_snapshot(config.suite, step, device=device, with_tokenizer=False)
                 if int(model.config.hidden_size) != plan.d_model:
@@ -430,51 +468,71 @@ def _build(partial: Path, plan: _Plan) -> None:
                         f"steps={config.steps}: step {step} has d_model={model.config.hidden_size}, "
                         f"the others {plan.d_model}"
                     )
-                log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-                try:
-                    for c in todo:
-                        done[c] = _compute_chunk(model, plan, c, fd, torch_dtype, step, autocast, bar)
+                for out in outputs:
+                    out.log = os.open(out.partial / "progress" / f"step{step}.jsonl",
+                                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    opened.callback(os.close, out.log)
+                for c in todo:
+                    needing = [out for out in outputs if c not in out.done]
+                    for out, record in zip(needing, _compute_chunk(model, needing, c, torch_dtype, step, autocast, bar)):
+                        out.done[c] = record
                         # one append per finished chunk; a line cut short by a kill is ignored on resume
-                        os.write(log, (json.dumps({"chunk": c, **done[c]}) + "\n").encode())
-                finally:
-                    os.close(log)
+                        os.write(out.log, (json.dumps({"chunk": c, **record}) + "\n").encode())
                 del model
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        chunks = [done[c] for c in range(plan.n_chunks)]
-        snapshots.append({
-            "step": step,
-            "file": file,
-            "mean_norm": math.fsum(rec["norm_sum"] for rec in chunks) / n_tokens,
-            "chunks": chunks,
-        })
+            for out in outputs:
+                os.fsync(out.fd)
+        for out, kept in zip(outputs, snapshots):
+            chunks = [out.done[c] for c in range(plan.n_chunks)]
+            kept.append({
+                "step": step,
+                "file": file,
+                "mean_norm": math.fsum(rec["norm_sum"] for rec in chunks) / n_tokens,
+                "chunks": chunks,
+            })
     bar.close()
-    config_dict = config.to_dict()
-    manifest = {
-        "format": FORMAT,
-        "suite": config.suite,
-        "model_type": plan.model_type,
-        "steps": list(config.steps),
-        "weights": [dict(w) for w in plan.identity.weights],
-        "hook": plan.point.name,
-        "dtype": config.dtype,
-        "d_model": plan.d_model,
-        "n_layers": plan.n_layers,
-        "context_length": context,
-        "n_windows": plan.n_windows,
-        "n_tokens": n_tokens,
-        "n_train_windows": plan.n_train_windows,
-        "n_eval_windows": plan.n_eval_windows,
-        "chunk_windows": plan.chunk_windows,
-        "n_chunks": plan.n_chunks,
-        "tokens": {"file": TOKENS_FILE, "dtype": "int32", "sha256": tokens_sha,
-                   "fingerprint": plan.identity.tokens_sha256},
-        "snapshots": snapshots,
-        "config": config_dict,
-    }
-    atomic_write_json(partial / MANIFEST_FILE, manifest)
-    shutil.rmtree(partial / "progress", ignore_errors=True)
+    for out, sha, kept in zip(outputs, tokens_sha, snapshots):
+        manifest = {
+            "format": FORMAT,
+            "suite": config.suite,
+            "model_type": plan.model_type,
+            "steps": list(config.steps),
+            "weights": [dict(w) for w in plan.identity.weights],
+            "hook": out.plan.point.name,
+            "dtype": config.dtype,
+            "d_model": plan.d_model,
+            "n_layers": plan.n_layers,
+            "context_length": context,
+            "n_windows": plan.n_windows,
+            "n_tokens": n_tokens,
+            "n_train_windows": plan.n_train_windows,
+            "n_eval_windows": plan.n_eval_windows,
+            "chunk_windows": plan.chunk_windows,
+            "n_chunks": plan.n_chunks,
+            "tokens": {"file": TOKENS_FILE, "dtype": "int32", "sha256": sha,
+                       "fingerprint": plan.identity.tokens_sha256},
+            "snapshots": kept,
+            "config": out.plan.config.to_dict(),
+        }
+        atomic_write_json(out.partial / MANIFEST_FILE, manifest)
+        shutil.rmtree(out.partial / "progress", ignore_errors=True)
+
+
+def _finished_chunks(out: _Output, previous: dict | None, s_index: int, step: int, row_bytes: int) -> dict[int, dict]:
+    """Chunks of a snapshot's file recorded as finished (in the progress log or an earlier manifest) whose
+    bytes on disk still match the recorded checksum. Nothing else is trusted, so no fsync is needed for
+    correctness: a chunk whose bytes were lost is simply computed again."""
+    plan = out.plan
+    records: dict[int, dict] = {}
+    if previous is not None and s_index < len(previous.get("snapshots", [])):
+        records.update(enumerate(previous["snapshots"][s_index]["chunks"]))
+    records.update(_read_progress(out.partial / "progress" / f"step{step}.jsonl"))
+    done: dict[int, dict] = {}
+    for c, rec in sorted(records.items()):
+        if 0 <= c < plan.n_chunks:
+            offset, n_bytes = plan.chunk_span(c, row_bytes)
+            if rec.get("sha256") == chunk_sha256(out.fd, offset, n_bytes):
+                done[c] = {"sha256": rec["sha256"], "norm_sum": rec["norm_sum"]}
+    return done
 
 
 def _read_progress(path: Path) -> dict[int, dict]:
@@ -491,34 +549,38 @@ def _read_progress(path: Path) -> dict[int, dict]:
 
 
 @torch.inference_mode()
-def _compute_chunk(model, plan: _Plan, chunk: int, fd: int, torch_dtype, step: int, autocast, bar) -> dict:
+def _compute_chunk(model, outputs: list[_Output], chunk: int, torch_dtype, step: int, autocast, bar) -> list[dict]:
+    """Compute and write one chunk of each store in `outputs` (one forward pass per batch for all of them);
+    their records (SHA-256 and norm sum of the chunk's bytes)."""
+    plan = outputs[0].plan
     config, context = plan.config, plan.context
     device = torch.device(config.device)
     row_bytes = plan.d_model * DTYPES[config.dtype][1].itemsize
     w0 = chunk * plan.chunk_windows
     w1 = min(plan.n_windows, w0 + plan.chunk_windows)
-    digest = hashlib.sha256()
-    norm_sums = []
+    digests = [hashlib.sha256() for _ in outputs]
+    norm_sums: list[list[float]] = [[] for _ in outputs]
     for b0 in range(w0, w1, config.batch_size):
         b1 = min(w1, b0 + config.batch_size)
         ids = torch.from_numpy(np.ascontiguousarray(plan.tokens[b0:b1], dtype=np.int64)).to(device)
         with autocast:
-            acts = capture(model, plan.point, ids)
-        stored = acts.to(torch_dtype)
-        if not bool(torch.isfinite(stored).all()):
-            raise CacheError(
-                f"non-finite activations (NaN or inf) at step {step}, {config.hook}, chunk {chunk} (windows "
-                f"{b0}..{b1 - 1}) of suite {config.suite!r}: the checkpoint's weights are broken"
-                + (" or the values overflow float16 (use dtype='bfloat16' or 'float32')" if config.dtype == "float16"
-                   else "")
-                + "; nothing was published"
-            )
-        norm_sums.append(float(stored.float().norm(dim=-1).double().sum()))
-        host = stored.reshape(-1, plan.d_model).contiguous().cpu()
-        if torch_dtype == torch.bfloat16:
-            host = host.view(torch.int16)
-        data = memoryview(host.numpy().view(np.uint8).reshape(-1))
-        digest.update(data)
-        _pwrite_all(fd, data, b0 * context * row_bytes)
-        bar.update((b1 - b0) * context)
-    return {"sha256": digest.hexdigest(), "norm_sum": math.fsum(norm_sums)}
+            activations = capture_all(model, [out.plan.point for out in outputs], ids)
+        for out, acts, digest, sums in zip(outputs, activations, digests, norm_sums):
+            stored = acts.to(torch_dtype)
+            if not bool(torch.isfinite(stored).all()):
+                raise CacheError(
+                    f"non-finite activations (NaN or inf) at step {step}, {out.plan.config.hook}, chunk {chunk} "
+                    f"(windows {b0}..{b1 - 1}) of suite {config.suite!r}: the checkpoint's weights are broken"
+                    + (" or the values overflow float16 (use dtype='bfloat16' or 'float32')"
+                       if config.dtype == "float16" else "")
+                    + "; nothing was published"
+                )
+            sums.append(float(stored.float().norm(dim=-1).double().sum()))
+            host = stored.reshape(-1, plan.d_model).contiguous().cpu()
+            if torch_dtype == torch.bfloat16:
+                host = host.view(torch.int16)
+            data = memoryview(host.numpy().view(np.uint8).reshape(-1))
+            digest.update(data)
+            _pwrite_all(out.fd, data, b0 * context * row_bytes)
+            bar.update((b1 - b0) * context)
+    return [{"sha256": digest.hexdigest(), "norm_sum": math.fsum(sums)} for digest, sums in zip(digests, norm_sums)]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crosslib.activations.cache import CacheConfig, build_store
+from crosslib.activations.cache import CacheConfig, build_stores
 from crosslib.activations.sources import ActivationSource, RowSource
 from crosslib.activations.store import ActivationStore
 from crosslib.book.parameters import check_dictionary_memory, check_parameters
@@ -31,9 +31,15 @@ from crosslib.progress import progress
 from crosslib.text.corpus import CorpusConfig
 
 
-def activation_store(
+def activation_store(suite: str, hook: str, steps: Sequence[int] | None = None, **options: Any) -> ActivationStore:
+    """The activations at `hook` of the `steps` snapshots of `suite` on held-out text (`activation_stores`
+    with one hook; the options are its)."""
+    return activation_stores(suite, [hook], steps, **options)[0]
+
+
+def activation_stores(
     suite: str,
-    hook: str,
+    hooks: Sequence[str],
     steps: Sequence[int] | None = None,
     *,
     n_tokens: int = 200_000,
@@ -45,16 +51,20 @@ def activation_store(
     seed: int = 0,
     split: str = "heldout",
     progress: bool = True,
-) -> ActivationStore:
-    """The activations at `hook` of the `steps` snapshots of `suite` on held-out text.
+) -> list[ActivationStore]:
+    """One store per hook of `hooks`: the activations there of the `steps` snapshots of `suite` on held-out text.
 
     The same `n_tokens // context_length` windows (at seeded random places of the corpus split,
     held-out by default) are run through every snapshot. `context_length` defaults to the
     model's, at most 128. Stores with the same suite, tokens and seed but different hooks hold the
-    same rows in the same order, so they can be read side by side (as the layers chapter does).
+    same rows in the same order, so they can be read side by side (as the layers chapter does);
+    asked for together, they are built in one pass of each snapshot.
     """
-    check_parameters(dict(suite=suite, suite_overrides=suite_overrides or {}, steps=steps, hook=hook,
-                          n_tokens=n_tokens, device=device, seed=seed))
+    hooks = list(hooks) if isinstance(hooks, (list, tuple)) else hooks
+    require(isinstance(hooks, list) and len(hooks) > 0, "hooks", hooks, "a non-empty list of hook names")
+    for hook in hooks:
+        check_parameters(dict(suite=suite, suite_overrides=suite_overrides or {}, steps=steps, hook=hook,
+                              n_tokens=n_tokens, device=device, seed=seed))
     require(context_length is None or (isinstance(context_length, int) and not isinstance(context_length, bool)
                                        and context_length >= 2), "context_length", context_length,
             "None (the model's, at most 128) or an integer >= 2")
@@ -67,8 +77,8 @@ def activation_store(
     stream = suite_token_streams(path, corpus)[split]
     windows = windows_for_tokens(stream, n_tokens, context_length, seed, split=split,
                                  corpus_name=corpus_name(path, corpus))
-    config = CacheConfig(suite=path, steps=steps, hook=hook, dtype=dtype, device=device)
-    return build_store(config, windows, progress=progress)
+    configs = [CacheConfig(suite=path, steps=steps, hook=hook, dtype=dtype, device=device) for hook in hooks]
+    return build_stores(configs, windows, progress=progress)
 
 
 def dictionary(

@@ -212,6 +212,27 @@ def capture(
     raise RuntimeError(f"the forward pass never reached {point.name}")  # pragma: no cover
 
 
+def capture_all(
+    model: Any,
+    hooks: Sequence[str | HookPoint],
+    input_ids: Int[Tensor, "batch pos"],
+    *,
+    attention_mask: Tensor | None = None,
+) -> list[Float[Tensor, "batch pos d_model"]]:
+    """The activations at several hooks from one forward pass, each equal to `capture` at its hook.
+
+    Runs the layers up to the deepest hook's layer once (`capture` for each hook would run the lower
+    layers again for every hook above them).
+    """
+    points = [validate_hook(h, model) for h in hooks]
+    if len(points) == 1:
+        return [capture(model, points[0], input_ids, attention_mask=attention_mask)]
+    last = HookPoint(max(p.layer for p in points), "resid_post")  # runs every requested layer whole
+    with record_hooks(model, [p.name for p in points]) as recorded:
+        _truncated(_base(model), last, input_ids, attention_mask)
+    return [recorded[p.name] for p in points]
+
+
 # --------------------------------------------------------------------------- module hooks
 
 

@@ -24,7 +24,7 @@ import torch
 
 from crosslib.activations import cache as cache_module
 from crosslib.activations import store as store_module
-from crosslib.activations.cache import CacheConfig, CacheError, build_store, store_path
+from crosslib.activations.cache import CacheConfig, CacheError, build_store, build_stores, store_path
 from crosslib.activations.sources import RowPermutation
 from crosslib.activations.store import KIND, ActivationStore, open_store
 from crosslib.artifacts import STAMP_FILE, ArtifactError
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 D, LAYERS, VOCAB, CONTEXT = 32, 2, 64, 16
 STEPS = (0, 1, 2)
 HOOK = "blocks.1.hook_resid_post"
+HOOKS = ("blocks.0.hook_resid_post", HOOK, "blocks.1.hook_attn_out")  # built together in one pass
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -254,6 +255,46 @@ def test_short_disk_is_refused(suite, windows, tmp_path, monkeypatch, capsys):
 # --------------------------------------------------------------------------- corruption
 
 
+def test_stores_built_together_are_the_stores_built_alone(store, suite, windows, tmp_path, monkeypatch):
+    """build_stores runs each snapshot once per batch for every hook; each store has build_store's bytes."""
+    passes = []
+    original = cache_module.capture_all
+    monkeypatch.setattr(cache_module, "capture_all",
+                        lambda model, points, ids: passes.append(len(points)) or original(model, points, ids))
+    configs = [cfg(suite, hook=hook) for hook in HOOKS]
+    together = build_stores(configs, windows, root=tmp_path / "data", progress=False)
+    assert passes == [len(HOOKS)] * (store.manifest["n_chunks"] * len(STEPS))  # a batch per chunk here
+    assert together[1].path == store_path(configs[1], windows, root=tmp_path / "data")
+    assert store_bytes(together[1].path) == store_bytes(store.path)
+    monkeypatch.undo()
+    for config, built in zip(configs, together):
+        alone = build_store(config, windows, root=tmp_path / "alone", progress=False)
+        assert built.path.name == alone.path.name and store_bytes(built.path) == store_bytes(alone.path)
+        assert built.manifest["hook"] == config.hook
+
+
+def test_build_stores_builds_only_the_missing_ones(store, suite, windows, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    first = build_store(cfg(suite), windows, root=root, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in first.path.rglob("*") if p.is_file()}
+    passes = []
+    original = cache_module.capture_all
+    monkeypatch.setattr(cache_module, "capture_all",
+                        lambda model, points, ids: passes.append(len(points)) or original(model, points, ids))
+    stores = build_stores([cfg(suite, hook=hook) for hook in HOOKS], windows, root=root, progress=False)
+    assert stores[1].path == first.path and set(passes) == {len(HOOKS) - 1}
+    assert {p: p.stat().st_mtime_ns for p in first.path.rglob("*") if p.is_file() and p.name != STAMP_FILE} == {
+        p: t for p, t in before.items() if p.name != STAMP_FILE}
+
+
+def test_stores_that_differ_in_more_than_the_hook_are_not_built_together(suite, windows, tmp_path):
+    root = tmp_path / "data"
+    for configs in ([cfg(suite), cfg(suite, hook=HOOKS[0], dtype="float32")], [cfg(suite), cfg(suite)], []):
+        with pytest.raises(ParameterError, match="configs="):
+            build_stores(configs, windows, root=root, progress=False)
+    assert published(root) == []
+
+
 def test_flipped_byte_names_file_and_chunk(store, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(store.path, copy)
@@ -287,7 +328,7 @@ import json, os, sys, traceback
 import numpy as np
 import torch
 torch.set_num_threads(1)
-from crosslib.activations.cache import CacheConfig, build_store
+from crosslib.activations.cache import CacheConfig, build_stores
 from crosslib.models.snapshots import load_snapshot
 load_snapshot(sys.argv[1], 0, with_tokenizer=False)  # import transformers' lazy modules once, here
 print("ready", flush=True)
@@ -302,10 +343,10 @@ for line in sys.stdin:
                 log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(log, 1)
                 os.dup2(log, 2)
-                store = build_store(CacheConfig.from_dict(job["config"]), np.load(job["tokens"]), root=job["root"],
-                                    progress=False)
+                stores = build_stores([CacheConfig.from_dict(c) for c in job["configs"]], np.load(job["tokens"]),
+                                      root=job["root"], progress=False)
                 with open(job["result"], "w") as f:
-                    f.write(str(store.path))
+                    f.write("\n".join(str(store.path) for store in stores))
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -359,8 +400,9 @@ def zygote(suite):
     z.close()
 
 
-def job(config: CacheConfig, tokens_file: Path, root: Path, name: str) -> dict:
-    return {"config": config.to_dict(), "tokens": str(tokens_file), "root": str(root),
+def job(config: CacheConfig | list[CacheConfig], tokens_file: Path, root: Path, name: str) -> dict:
+    configs = config if isinstance(config, list) else [config]
+    return {"configs": [c.to_dict() for c in configs], "tokens": str(tokens_file), "root": str(root),
             "log": str(root.parent / f"{name}.log"), "result": str(root.parent / f"{name}.result")}
 
 
@@ -406,6 +448,53 @@ def test_kill_9_then_rebuild_gives_identical_bytes(store, suite, windows, zygote
         assert store_bytes(resumed.path) == reference
         assert published(root) == [store.path.name]
     assert killed >= 8, f"only {killed} of 10 builds were killed mid-way"
+
+
+def test_kill_9_then_rebuild_of_stores_built_together_gives_their_bytes(suite, windows, zygote, tmp_path):
+    """Several hooks' stores built in one pass, killed and resumed: the bytes of each store built alone."""
+    rng = random.Random(99)
+    tokens_file = tmp_path / "tokens.npy"
+    np.save(tokens_file, windows, allow_pickle=False)
+    configs = [cfg(suite, hook=hook) for hook in HOOKS[:2]]
+    alone = [build_store(config, windows, root=tmp_path / "alone", progress=False) for config in configs]
+    total_chunks = alone[0].manifest["n_chunks"] * len(STEPS) * len(configs)
+    killed = 0
+    for trial in range(3):
+        root = tmp_path / f"trial{trial}" / "data"
+        root.mkdir(parents=True)
+        for attempt in range(2):
+            after = rng.randrange(0, total_chunks - 8)
+            (pid,) = zygote.start([job(configs, tokens_file, root, f"b{attempt}")])
+            deadline = time.monotonic() + 60
+            while finished_chunks(root) < after and time.monotonic() < deadline:
+                if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                    break
+                time.sleep(0.001)
+            os.kill(pid, signal.SIGKILL)
+            (status,) = zygote.wait()
+            killed += os.WIFSIGNALED(status)
+        resumed = build_stores(configs, windows, root=root, progress=False)
+        for built, reference in zip(resumed, alone):
+            assert built.path.name == reference.path.name
+            assert store_bytes(built.path) == store_bytes(reference.path)
+        assert published(root) == sorted(reference.path.name for reference in alone)
+    assert killed >= 4, f"only {killed} of 6 builds were killed mid-way"
+
+
+def test_builders_of_overlapping_sets_of_stores_make_each_store_once(store, suite, windows, zygote, tmp_path):
+    """Two processes asking for the same stores in opposite orders: no deadlock (one lock order), one of each."""
+    tokens_file = tmp_path / "tokens.npy"
+    np.save(tokens_file, windows, allow_pickle=False)
+    root = tmp_path / "data"
+    forward, backward = [cfg(suite, hook=hook) for hook in HOOKS[:2]], [cfg(suite, hook=hook) for hook in HOOKS[1::-1]]
+    pids = zygote.start([job(forward, tokens_file, root, "one"), job(backward, tokens_file, root, "two")])
+    assert len(pids) == 2
+    statuses = zygote.wait()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in ("one", "two")}
+    assert statuses == [0, 0], logs
+    one, two = ((tmp_path / f"{name}.result").read_text().splitlines() for name in ("one", "two"))
+    assert one == two[::-1] and store.path.name in {Path(p).name for p in one}
+    assert published(root) == sorted(Path(p).name for p in one)  # two stores, no .partial left
 
 
 def test_temp_files_left_by_a_kill_are_not_published(store, suite, windows, tmp_path):

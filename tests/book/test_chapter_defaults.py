@@ -82,8 +82,9 @@ class StandInStore:
         self.fingerprint = fingerprint
 
 
-def stand_in_activation_store(*args: Any, **kwargs: Any) -> StandInStore:
-    call = inspect.signature(pipeline.activation_store).bind(*args, **kwargs)
+def stand_in_activation_store(suite: Any, hook: Any, *args: Any, **kwargs: Any) -> StandInStore:
+    # activation_store is activation_stores with one hook: its options and defaults are those
+    call = inspect.signature(pipeline.activation_stores).bind(suite, [hook], *args, **kwargs)
     call.apply_defaults()  # a chapter that leaves out split= asks for the same store as one giving the default
     return StandInStore(content_hash(dict(call.arguments)))
 

@@ -10,6 +10,7 @@ from crosslib.models.hooks import (
     HOOK_KINDS,
     HookPoint,
     capture,
+    capture_all,
     hook_names,
     parse_hook,
     record_hooks,
@@ -122,6 +123,27 @@ def test_capture_matches_full_forward(model, ids, method):
                 mid = capture(model, f"blocks.{layer}.hook_resid_mid", ids, method=method)
                 torch.testing.assert_close(mid, got[f"ln2in{layer}"], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(mid, pre + attn, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_all_gives_each_hooks_capture_from_one_pass(model, ids):
+    """Several hooks from one forward pass, bit for bit what `capture` gives at each (the activation cache
+    builds a model's layers together with it), running each layer once and nothing past the deepest."""
+    hooks = hook_names(model)[:-1]  # all but the last layer's last hook: the pass must stop at that layer
+    calls: list[str] = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i, layer in enumerate(model.gpt_neox.layers)]
+    try:
+        with torch.no_grad():
+            together = capture_all(model, hooks, ids)
+            assert calls == list(range(N_LAYERS)), calls
+            for hook, activation in zip(hooks, together):
+                assert torch.equal(activation, capture(model, hook, ids)), hook
+            calls.clear()
+            shallow = capture_all(model, ["blocks.0.hook_mlp_out", "blocks.0.hook_resid_pre"], ids)
+            assert calls == [0] and torch.equal(shallow[1], capture(model, "blocks.0.hook_resid_pre", ids))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_truncated_forward_runs_nothing_past_the_hook(model, ids):
