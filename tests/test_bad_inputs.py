@@ -98,8 +98,9 @@ def no_expensive_work(monkeypatch, tmp_path):
     def expensive(*args: Any, **kwargs: Any):
         raise AssertionError("expensive work started before the bad input was refused")
 
-    for module, name in [(suite, "train_suite"), (pipeline, "resolve_suite"), (pipeline, "build_store"),
-                         (cache, "build_store"), (pipeline, "train_crosscoder_cached"), (train, "train_crosscoder_cached")]:
+    for module, name in [(suite, "train_suite"), (pipeline, "resolve_suite"), (pipeline, "build_stores"),
+                         (cache, "build_store"), (cache, "build_stores"), (pipeline, "train_crosscoder_cached"),
+                         (train, "train_crosscoder_cached")]:
         monkeypatch.setattr(module, name, expensive)
     monkeypatch.setattr("crosslib.book.runner.execute_chapter", expensive)
     monkeypatch.setattr("crosslib.book.runner.ensure_mathjax", expensive)
@@ -188,6 +189,9 @@ API_ROWS: list[tuple[str, Callable[[Path], Any], str, str]] = [
     ("activation_store context_length 0",
      lambda _: pipeline.activation_store("tiny", "blocks.2.hook_resid_post", context_length=0), "context_length", ">= 2"),
     ("activation_store seed -1", lambda _: pipeline.activation_store("tiny", "blocks.2.hook_resid_post", seed=-1), "seed", "0.."),
+    ("activation_stores hooks []", lambda _: pipeline.activation_stores("tiny", []), "hooks", "non-empty"),
+    ("activation_stores a bad hook",
+     lambda _: pipeline.activation_stores("tiny", ["blocks.0.hook_resid_post", "blocks.0.resid"]), "hook", "blocks.{L}"),
     ("activation_store steps []", lambda _: pipeline.activation_store("tiny", "blocks.2.hook_resid_post", []), "steps", "non-empty"),
     ("activation_store suite_overrides list",
      lambda _: pipeline.activation_store("tiny", "blocks.2.hook_resid_post", suite_overrides=[1]), "suite_overrides", "mapping"),

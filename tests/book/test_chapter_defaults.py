@@ -32,7 +32,7 @@ SWEEP_CHAPTER = next(c for c in CHAPTERS if c.startswith("02"))  # trains the cr
 # Chapters that use chapter 2's crosscoder (the feature explorer, chapter 8, shows it too).
 READERS = [c for c in CHAPTERS if c[:2] in {"03", "04", "05", "06", "08"}]
 SHARED = {name: value for name, value in vars(book_defaults).items() if not name.startswith("_")}
-PIPELINE_CALLS = {"activation_store", "dictionary", "sparsity_sweep"}
+PIPELINE_CALLS = {"activation_store", "activation_stores", "dictionary", "sparsity_sweep"}
 
 
 def chapter_defaults(chapter: str) -> dict[str, Any]:
@@ -107,6 +107,8 @@ def requested_dictionaries(monkeypatch, tmp_path):
     def requested(chapter: str, **overrides: Any) -> list[train.DictionaryKey]:
         keys.clear()
         namespace = {**chapter_defaults(chapter), **overrides, "activation_store": stand_in_activation_store,
+                     "activation_stores": lambda suite, hooks, *args, **kwargs: [
+                         stand_in_activation_store(suite, hook, *args, **kwargs) for hook in hooks],
                      "dictionary": pipeline.dictionary, "sparsity_sweep": pipeline.sparsity_sweep}
         exec(compile(ast.Module(pipeline_statements(chapter), type_ignores=[]), chapter, "exec"), namespace)
         return list(keys)
