@@ -446,10 +446,10 @@ def _build(jobs: list[tuple[Path, _Plan]]) -> None:
         else contextlib.nullcontext()
     )
     hooks = [out.plan.config.hook for out in outputs]
+    label = ", ".join(hooks) if len(hooks) < 3 else f"{len(hooks)} hooks, {hooks[0]} to {hooks[-1]}"
     # (on stderr, or under `crosslib book` as lines of its progress log: crosslib.progress)
     bar = tqdm(total=n_tokens * len(config.steps) * len(outputs), unit="tok", unit_scale=True,
-               desc=f"caching {', '.join(hooks) if len(hooks) < 3 else f'{len(hooks)} hooks, {hooks[0]} to {hooks[-1]}'}",
-               disable=not plan.progress)
+               desc=f"caching {label}", disable=not plan.progress)
     for s_index, step in enumerate(config.steps):
         file = f"acts/step{step}.bin"
         with contextlib.ExitStack() as opened:
