@@ -147,18 +147,13 @@ def suite_stage(args):
     """Training steps of the tiny preset's model, as crosslib.models.suite trains it."""
     import numpy as np
     import torch
-    from transformers import GPTNeoXForCausalLM
-
-    from crosslib.models.suite import (SUITE_PRESETS, _param_groups, frequent_tokens, thread_invariant_layer_norms,
-                                       training_batch)
+    from crosslib.models.suite import (SUITE_PRESETS, frequent_tokens, initial_model, suite_optimizer,
+                                       training_batch, training_step)
     from crosslib.progress import progress
 
     config = SUITE_PRESETS["tiny"]
-    torch.manual_seed(config.seed)
-    model_config = config.model_config(eos_token_id=0)
-    model_config._attn_implementation = "eager"  # as the suite trains
-    model = thread_invariant_layer_norms(GPTNeoXForCausalLM(model_config)).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    model = initial_model(config, eos_token_id=0).train()
+    optimizer = suite_optimizer(model, config)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=args.suite_tokens, dtype=np.int32)
     pool = frequent_tokens(tokens, config.repeat_vocab)
     done = [0]  # steps so far: each measurement draws new batches
@@ -167,14 +162,7 @@ def suite_stage(args):
         start = time.perf_counter()
         # through a (silent) progress bar, as the suite's trainer loops: its steps follow the load
         for step in progress(range(done[0], done[0] + args.suite_steps), disable=True):
-            batch = training_batch(tokens, step, config, pool)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss.item()  # the suite logs every step's loss
+            training_step(model, optimizer, training_batch(tokens, step, config, pool), config)
         done[0] += args.suite_steps
         return time.perf_counter() - start
 

@@ -268,18 +268,3 @@ def build_artifacts(
                 shutil.rmtree(finals[i])
             os.replace(partial, finals[i])
     return finals
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with locked(final.with_suffix(".lock"), message=f"waiting for another process building {display_path(final)}"):
-        if (final / CONFIG_FILE).is_file():  # built by the process we waited for
-            verify_artifact(final)
-            return final
-        partial = final.with_name(final.name + ".partial")
-        partial.mkdir(exist_ok=True)
-        build(partial)
-        record_checksums(partial)
-        # The config is written last: its presence marks a complete artifact.
-        atomic_write_text(partial / CONFIG_FILE, config.to_json() + "\n")
-        if final.exists():  # a stale, incomplete directory (no config.json)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-    return final

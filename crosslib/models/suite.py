@@ -21,16 +21,17 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
 from crosslib.progress import progress as tqdm
 
 from crosslib.artifacts import atomic_write_json, atomic_write_text, build_artifact, read_json, sha256_file
-from crosslib.config import Config, ParameterError, require, require_choice, require_fraction, require_positive
+from crosslib.config import Config, ParameterError, content_hash, require, require_choice, require_fraction, require_positive
 from crosslib.constants import pythia_schedule
 from crosslib.machine import machine_description
+from crosslib.models.cross_entropy import linear_cross_entropy
 from crosslib.models.snapshots import CHECKSUMS_FILE, check_distinct_snapshots, is_local_suite, list_steps, step_dir
 from crosslib.text.corpus import CorpusConfig, load_corpus
 from crosslib.text.tokenizer import encode_documents, train_tokenizer
@@ -87,6 +88,13 @@ class SuiteConfig(Config):
     # AVX2-only one (no bf16 instructions), and its rounding differs between AMX, AVX-512 and AVX2.
     bf16: bool = False
     seed: int = 0
+
+    # The training code's version, where it changes the weights without changing a field (suites trained
+    # before are trained again): 2 = the loss computed chunk by chunk (`next_token_loss`) and SDPA attention.
+    TRAINING_CODE: ClassVar[int] = 2
+
+    def key(self) -> str:
+        return content_hash({"type": type(self).__name__, "config": self.to_dict(), "training_code": self.TRAINING_CODE})
 
     def validate(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "d_mlp", "context_length",
@@ -210,10 +218,12 @@ def training_batch(tokens: np.ndarray, step: int, config: SuiteConfig, pool: np.
     return torch.from_numpy(batch)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def suite_optimizer(model: torch.nn.Module, config: SuiteConfig) -> torch.optim.AdamW:
+    """AdamW as the suite trains: weight decay on matrices only (not on biases or layer-norm gains)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
 
 class _LayerNormColumnSums(torch.autograd.Function):
@@ -247,6 +257,43 @@ def thread_invariant_layer_norms(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, torch.nn.LayerNorm):
             module.forward = lambda x, m=module: _LayerNormColumnSums.apply(x, m.weight, m.bias, m.eps)
     return model
+
+
+def initial_model(config: SuiteConfig, eos_token_id: int, *, thread_invariant: bool = True):
+    """The untrained model of `config`, as its training starts (seeded; `thread_invariant_layer_norms`
+    unless `thread_invariant=False`, the tests' control)."""
+    from transformers import GPTNeoXForCausalLM
+
+    model_config = config.model_config(eos_token_id)
+    # SDPA attention in fp32 (10% faster than eager here); eager with bf16 autocast, where SDPA's CPU backward is slow
+    model_config._attn_implementation = "eager" if config.bf16 else "sdpa"
+    torch.manual_seed(config.seed)
+    model = GPTNeoXForCausalLM(model_config)
+    return thread_invariant_layer_norms(model) if thread_invariant else model
+
+
+def next_token_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The suite's training loss: `model(input_ids=ids, labels=ids).loss` (each position predicts the next
+    token; mean cross-entropy), with the output projection and the cross-entropy in one chunked pass
+    (`crosslib.models.cross_entropy`) instead of [token, vocab] logits in memory."""
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # [batch, position, d]
+    predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # the last position has no next token
+    return linear_cross_entropy(predicting, model.get_output_embeddings().weight, input_ids[:, 1:].reshape(-1))
+
+
+def training_step(model, optimizer: torch.optim.Optimizer, batch: torch.Tensor, config: SuiteConfig
+                  ) -> tuple[float, float]:
+    """One update of the suite's training on `batch` (loss, backward, gradient clipping, AdamW); returns the loss
+    and the gradient norm before clipping. A loss that is not finite raises FloatingPointError before any update."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        loss = next_token_loss(model, batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()}")
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_norm.item()
 
 
 def _save_snapshot(model, tokenizer_dir: Path, out: Path) -> None:
@@ -294,7 +341,7 @@ class _Interrupted(Exception):
 
 
 def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_after: int | None) -> None:
-    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar for training, not one per saved checkpoint
@@ -314,12 +361,8 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
     if len(train_tokens) < 2 * config.context_length:
         raise ParameterError(f"corpus={config.corpus.source!r} is too small for context_length={config.context_length}")
 
-    torch.manual_seed(config.seed)
-    model_config = config.model_config(tokenizer.eos_token_id)
-    # Eager attention: with bf16 autocast it is faster than SDPA on CPU, whose bf16 backward is slow.
-    model_config._attn_implementation = "eager"
-    model = thread_invariant_layer_norms(GPTNeoXForCausalLM(model_config))
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    model = initial_model(config, tokenizer.eos_token_id)
+    optimizer = suite_optimizer(model, config)
     start = 0
     if (folder / STATE_DIR / "state.json").is_file():
         start = _load_state(model, optimizer, folder / STATE_DIR)
@@ -343,18 +386,12 @@ def _build_suite(folder: Path, config: SuiteConfig, progress: bool, interrupt_af
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = training_batch(train_tokens, step, config, pool)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            loss = model(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step}; last checkpoint kept")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log_lines.append(json.dumps({"step": step, "loss": round(loss.item(), 5), "lr": lr,
-                                     "grad_norm": round(grad_norm.item(), 4)}))
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        try:
+            loss, grad_norm = training_step(model, optimizer, training_batch(train_tokens, step, config, pool), config)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {step}; last checkpoint kept") from None
+        log_lines.append(json.dumps({"step": step, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4)}))
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     atomic_write_text(folder / LOG_FILE, "".join(line + "\n" for line in log_lines))
     shutil.rmtree(folder / STATE_DIR, ignore_errors=True)
     n_params = sum(p.numel() for p in model.parameters())

@@ -18,9 +18,9 @@ from conftest import micro_suite_config
 from crosslib.config import ParameterError
 from crosslib.constants import PYTHIA_STEPS, pythia_schedule
 from crosslib.models.snapshots import SnapshotError, list_steps, load_snapshot, step_dir
-from crosslib.models.suite import (SUITE_PRESETS, SuiteConfig, _param_groups, frequent_tokens, lr_at, repeat_periods,
-                                   resolve_suite, thread_invariant_layer_norms, train_suite, training_batch,
-                                   training_log)
+from crosslib.models.suite import (SUITE_PRESETS, SuiteConfig, frequent_tokens, initial_model, lr_at,
+                                   next_token_loss, repeat_periods, resolve_suite, suite_optimizer, train_suite,
+                                   training_batch, training_log, training_step)
 
 
 def weights(suite: Path, step: int) -> dict[str, torch.Tensor]:
@@ -396,25 +396,17 @@ def test_suite_records_its_precision_and_cpu(tmp_path):
 def _train_steps(threads: int, invariant: bool, n_steps: int = 2) -> list[torch.Tensor]:
     """`n_steps` of the suite trainer's step at the tiny preset's full shape (smaller ones run on one thread)."""
     import numpy as np
-    from transformers import GPTNeoXForCausalLM
 
     config = SUITE_PRESETS["tiny"]
-    model_config = config.model_config(eos_token_id=0)
-    model_config._attn_implementation = "eager"
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(0)
-        model = GPTNeoXForCausalLM(model_config)
-        model = thread_invariant_layer_norms(model) if invariant else model
-        optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+        model = initial_model(config, eos_token_id=0, thread_invariant=invariant)
+        optimizer = suite_optimizer(model, config)
         tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=50_000, dtype=np.int32)
         for step in range(n_steps):
             batch = training_batch(tokens, step, config, np.arange(config.repeat_vocab))
-            model(input_ids=batch, labels=batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            training_step(model, optimizer, batch, config)
         return [p.detach().clone() for p in model.parameters()]
     finally:
         torch.set_num_threads(before)
@@ -431,3 +423,36 @@ def test_the_suite_trains_bit_for_bit_the_same_at_any_thread_count():
     # rounding-level gradients of near-zero weights into lr-sized moves)
     one_step = _train_steps(1, invariant=True, n_steps=1)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-3 * 3e-3) for a, b in zip(one_step, native_two))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_training_loss_is_the_models_own_loss(bf16):
+    """`next_token_loss` (chunked, crosslib's) against `model(input_ids, labels=...).loss` (transformers'), with
+    the gradient of every weight: a shifted target or a missed weight would be far outside these bounds."""
+    config = SUITE_PRESETS["smoke"].replace(vocab_size=2048, bf16=bf16)
+    model = initial_model(config, eos_token_id=0)
+    # 40 × 32 rows: more than one chunk of the cross-entropy, the last one partial
+    batch = torch.randint(0, config.vocab_size, (40, config.context_length))
+
+    def loss_and_grads(loss_of):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ours, our_grads = loss_and_grads(lambda: next_token_loss(model, batch))
+    theirs, their_grads = loss_and_grads(lambda: model(input_ids=batch, labels=batch).loss)
+    tolerance = 2e-2 if bf16 else 1e-5
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-3 if bf16 else 1e-6)
+    for ours_grad, theirs_grad in zip(our_grads, their_grads):
+        scale = theirs_grad.abs().max().clamp(min=1e-12)
+        assert ((ours_grad - theirs_grad).abs().max() / scale).item() < tolerance
+
+
+def test_the_training_code_version_is_part_of_a_suites_key(monkeypatch):
+    """A change of the training code that changes weights (not a field) must not reuse suites trained before."""
+    before = SuiteConfig().key()
+    monkeypatch.setattr(SuiteConfig, "TRAINING_CODE", SuiteConfig.TRAINING_CODE + 1)
+    assert SuiteConfig().key() != before
+    assert "TRAINING_CODE" not in SuiteConfig().to_dict()  # not a parameter a user could set
