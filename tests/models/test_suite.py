@@ -456,3 +456,16 @@ def test_the_training_code_version_is_part_of_a_suites_key(monkeypatch):
     monkeypatch.setattr(SuiteConfig, "TRAINING_CODE", SuiteConfig.TRAINING_CODE + 1)
     assert SuiteConfig().key() != before
     assert "TRAINING_CODE" not in SuiteConfig().to_dict()  # not a parameter a user could set
+
+
+def test_a_non_finite_loss_stops_the_step_before_any_update():
+    config = SUITE_PRESETS["smoke"]
+    model = initial_model(config, eos_token_id=0)
+    optimizer = suite_optimizer(model, config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="training loss is nan"):
+        training_step(model, optimizer, torch.zeros(2, config.context_length, dtype=torch.long), config)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
