@@ -92,11 +92,19 @@ def browser(tmp_path_factory):
 
 WAIT_FOR_MATH = """
 const done = arguments[arguments.length - 1];
-if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
-  const deadline = setTimeout(() => done("timeout"), 45000);  // answer before selenium's own timeouts
-  MathJax.startup.promise.then(() => { clearTimeout(deadline); done(true); },
-                               (e) => { clearTimeout(deadline); done("MathJax failed: " + e); });
-} else { done(false); }
+// MathJax loads asynchronously: on a busy machine the page can be loaded before MathJax has defined
+// itself, so a page that includes it waits for it (one deadline for both waits, within selenium's 60 s)
+const included = Array.from(document.scripts).some((s) => /mathjax/i.test(s.src));
+const deadline = Date.now() + 45000;
+(function poll() {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    const timer = setTimeout(() => done("timeout"), Math.max(0, deadline - Date.now()));
+    MathJax.startup.promise.then(() => { clearTimeout(timer); done(true); },
+                                 (e) => { clearTimeout(timer); done("MathJax failed: " + e); });
+  } else if (!included) { done(false); }
+  else if (Date.now() > deadline) { done("timeout"); }
+  else { setTimeout(poll, 100); }
+})();
 """
 
 WAIT_FOR_IMAGES = """
@@ -120,7 +128,7 @@ def load(driver, url: str):
         math = driver.execute_async_script(WAIT_FOR_MATH)
         if math != "timeout":
             break
-    assert math != "timeout", f"{url}: MathJax did not finish typesetting in 45 s, twice"
+    assert math != "timeout", f"{url}: MathJax did not load and typeset in 45 s, twice"
     assert math is True or math is False, f"{url}: {math}"
     return math
 
