@@ -146,7 +146,7 @@ def competitors(count: int):
 def suite_stage(args):
     """Training steps of the tiny preset's model, as crosslib.models.suite trains it."""
     import numpy as np
-    import torch
+
     from crosslib.models.suite import (SUITE_PRESETS, frequent_tokens, initial_model, suite_optimizer,
                                        training_batch, training_step)
     from crosslib.progress import progress
