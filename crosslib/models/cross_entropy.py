@@ -6,8 +6,10 @@ log-softmax and its gradient: for the tiny suite's batch (4064 predicted tokens 
 three 64 MB tensors per step, and a logits matmul that streams its output to memory at about half
 the CPU's matmul rate. `linear_cross_entropy` computes the same loss and gradients over chunks of
 rows whose logits stay in cache, and takes the gradients during the forward pass, so the logits
-are never stored or recomputed: about 40% less time for this part of a suite step (most of a step
-is the transformer's own matmuls). tests/models/test_cross_entropy.py holds it to the reference.
+are never stored or recomputed. That saves memory everywhere, and time where the three tensors would
+be page-faulted in anew each step (glibc's default allocator: ~35% less time for this part of a step);
+with crosslib's allocator tuning (`crosslib.runtime`) both take about as long
+(benchmarks/bench_suite.py). tests/models/test_cross_entropy.py holds it to the reference.
 """
 
 from __future__ import annotations

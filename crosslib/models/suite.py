@@ -265,7 +265,8 @@ def initial_model(config: SuiteConfig, eos_token_id: int, *, thread_invariant: b
     from transformers import GPTNeoXForCausalLM
 
     model_config = config.model_config(eos_token_id)
-    # SDPA attention in fp32 (10% faster than eager here); eager with bf16 autocast, where SDPA's CPU backward is slow
+    # SDPA attention in fp32 (no [batch, head, position, position] scores in memory; as fast as eager here);
+    # eager with bf16 autocast, where SDPA's CPU backward is slow
     model_config._attn_implementation = "eager" if config.bf16 else "sdpa"
     torch.manual_seed(config.seed)
     model = GPTNeoXForCausalLM(model_config)
