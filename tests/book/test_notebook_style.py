@@ -11,11 +11,15 @@ looks at the built pages.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 
 import nbformat
 import pytest
 
 from crosslib.book.runner import BOOK_DIR, NOTEBOOK_DIR, toc_chapters
+from crosslib.runtime import MALLOC_ENV, THREADS_ENV
 
 CHAPTERS = toc_chapters(BOOK_DIR)
 COLLAPSED = "hide-input"
@@ -23,7 +27,7 @@ COLLAPSED = "hide-input"
 REMOVING = {"remove-input", "remove-cell", "hide-cell", "remove-output", "hide-output"}
 CODE_COLUMN = 76  # characters that fit the rendered code column at 1280 px
 PLOT_NAMES = {"plt", "fig", "ax", "axes", "ax2"}
-NOT_SCIENCE = {"check_parameters"}  # crosslib calls that are plumbing themselves
+NOT_SCIENCE = {"check_parameters", "configure_process"}  # crosslib calls that are plumbing themselves
 
 
 def code_cells(chapter: str) -> list[nbformat.NotebookNode]:
@@ -172,3 +176,19 @@ def test_the_checks_tell_plumbing_from_science():
     cells = [nbformat.v4.new_code_cell("from crosslib import emergence\nfrom crosslib.book.parameters import check_parameters")]
     assert crosslib_names(cells) == {"emergence"}
     assert root_name(ast.parse("emergence.firing_norms(x).norms.sum()").body[0].value) == "emergence"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator tuning is Linux-only")
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_a_chapter_opened_in_jupyter_gets_the_settings_crosslib_book_gives_it(chapter):
+    """`crosslib book` starts each chapter's kernel with crosslib's process settings (load-following threads,
+    glibc keeping large freed buffers: crosslib.runtime.configure_process); a chapter run in Jupyter gets them
+    from its first code cell. Run alone, in a fresh interpreter without crosslib's variables, it sets them."""
+    first = code_cells(chapter)[0]
+    assert not is_visible(first), f"{chapter}: the process settings are plumbing; tag the cell hide-input"
+    env = {name: value for name, value in os.environ.items() if name not in (THREADS_ENV, *MALLOC_ENV)}
+    report = f"import os\nprint(os.environ.get({THREADS_ENV!r}), *(os.environ.get(n) is not None for n in {MALLOC_ENV!r}))"
+    out = subprocess.run([sys.executable, "-c", f"{first.source}\n{report}"], env=env, cwd=NOTEBOOK_DIR,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["follow", "True", "True"], f"{chapter}: its first code cell does not call " \
+        f"crosslib.runtime.configure_process() ({out.stdout!r})"
