@@ -186,6 +186,8 @@ def test_a_chapter_opened_in_jupyter_gets_the_settings_crosslib_book_gives_it(ch
     from its first code cell. Run alone, in a fresh interpreter without crosslib's variables, it sets them."""
     first = code_cells(chapter)[0]
     assert not is_visible(first), f"{chapter}: the process settings are plumbing; tag the cell hide-input"
+    assert not isinstance(ast.parse(first.source).body[-1], ast.Expr), \
+        f"{chapter}: the cell ends in an expression, whose value Jupyter would show on the page"
     env = {name: value for name, value in os.environ.items() if name not in (THREADS_ENV, *MALLOC_ENV)}
     report = f"import os\nprint(os.environ.get({THREADS_ENV!r}), *(os.environ.get(n) is not None for n in {MALLOC_ENV!r}))"
     out = subprocess.run([sys.executable, "-c", f"{first.source}\n{report}"], env=env, cwd=NOTEBOOK_DIR,
