@@ -54,8 +54,8 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCHMARKS.parent), str(BENCHMARKS)]
 
 from bench_train import matmul_flops  # noqa: E402
-from crosslib.models.suite import (SUITE_PRESETS, SuiteConfig, initial_model, next_token_loss,  # noqa: E402
-                                   suite_optimizer, training_batch, training_step)
+from crosslib.models.suite import (SUITE_PRESETS, SuiteConfig, frequent_tokens, initial_model,  # noqa: E402
+                                   next_token_loss, suite_optimizer, training_batch, training_step)
 from crosslib.runtime import MALLOC_TUNING_ENV, THREADS_ENV, configure_process  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 10)
     config = SUITE_PRESETS["tiny"]
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=2_000_000)
-    pool = np.arange(config.repeat_vocab)
+    pool = frequent_tokens(tokens, config.repeat_vocab)  # the repeats' tokens, drawn as the trainer draws them
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at start, allocator tuned: {tuned}")
     print(f"suite: the tiny preset, {config.batch_size} windows of {config.context_length} tokens a step")
