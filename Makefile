@@ -9,15 +9,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PRESET ?= tiny
 PYTEST_ARGS ?=
+SETUP_FREE_GIB ?= 3
 SETUP_KEY := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.crosslib-setup-$(SETUP_KEY)
 
-.PHONY: book test check-suite screenshots setup clean-book
+.PHONY: book test check-suite screenshots setup check-disk clean-book
 
 ## setup: create/reuse .venv and install crosslib with its test tools (torch pinned, CPU build)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory check-disk
 	@test -x $(BIN)/python || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "torch==2.13.0" > $(VENV)/constraints.txt
 	@echo "installing crosslib and its dependencies into $(VENV) (a few minutes the first time)"
@@ -26,6 +28,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/crosslib fetch
 	@rm -f $(VENV)/.crosslib-setup-*
 	@touch $@
+
+## check-disk: refuse set-up before it installs anything when the virtualenv's disk or pip's temporary
+## folder has under $(SETUP_FREE_GIB) GiB free (a fresh set-up takes ~2.5 GiB: torch's unpacked wheel, then .venv)
+check-disk:
+	@need_kib=$$(( $(SETUP_FREE_GIB) * 1048576 )); \
+	venv_disk="$(VENV)"; while [ ! -e "$$venv_disk" ]; do venv_disk=$$(dirname "$$venv_disk"); done; \
+	for dir in "$$venv_disk" "$${TMPDIR:-/tmp}"; do \
+	  free_kib=$$(df -Pk "$$dir" | awk 'NR == 2 { print $$4 }'); \
+	  if [ "$$free_kib" -lt "$$need_kib" ]; then \
+	    echo "not enough free disk for set-up: it needs about $(SETUP_FREE_GIB) GiB in $$dir" \
+	      "and there are $$(( free_kib / 1024 )) MiB. Free some space, or point VENV=... or TMPDIR=... at a bigger disk." >&2; \
+	    exit 1; \
+	  fi; \
+	done
 
 ## book: execute the chapters (preset $(PRESET)) and build the HTML into book/_build/html
 book: setup

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
+import subprocess
 import tomllib
+
+import pytest
 
 import yaml
 from packaging.requirements import Requirement
@@ -63,3 +67,21 @@ def test_torch_is_the_pinned_cpu_build():
     deps = normalise(pyproject()["project"]["dependencies"])
     assert deps["torch"] == "==2.13.0"
     assert importlib.metadata.version("torch").startswith("2.13.0")
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_set_up_refuses_a_full_disk_before_installing_anything(tmp_path):
+    """A set-up that runs out of disk half-way leaves a broken .venv; `make` checks the space first."""
+
+    def check_disk(gib: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["make", "-s", "check-disk", f"SETUP_FREE_GIB={gib}", f"VENV={tmp_path / 'not-yet' / '.venv'}"],
+            cwd=REPO_ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+        )
+
+    enough = check_disk(0)
+    assert enough.returncode == 0, enough.stderr
+    too_much = check_disk(10**9)  # a billion GiB: no disk has that
+    assert too_much.returncode != 0
+    assert "not enough free disk for set-up: it needs about 1000000000 GiB" in too_much.stderr
+    assert "VENV=" in too_much.stderr and "TMPDIR=" in too_much.stderr
