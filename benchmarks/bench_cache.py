@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from crosslib.runtime import THREADS_ENV, configure_process  # noqa: E402
 
 TINY_SHAPE = dict(  # the tiny preset's shape (crosslib.models.suite.SUITE_PRESETS["tiny"])
     vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
@@ -136,6 +138,8 @@ def main() -> None:
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ[THREADS_ENV] = "fixed"  # the thread count is this benchmark's to set
+    configure_process()  # crosslib's allocator tuning, as `crosslib book` runs
     if args.rss_child:
         return rss_child(args)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from crosslib.analyses import explorer  # noqa: E402
+from crosslib.runtime import THREADS_ENV, configure_process  # noqa: E402
 from crosslib.config import content_hash  # noqa: E402
 from crosslib.dictionaries.crosscoder import Crosscoder, CrosscoderConfig  # noqa: E402
 
@@ -178,6 +180,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    os.environ[THREADS_ENV] = "fixed"  # the thread count is this benchmark's to set
+    configure_process()  # crosslib's allocator tuning, as `crosslib book` runs
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-explorer-") as tmp:
         for n in args.features:

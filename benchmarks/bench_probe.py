@@ -29,6 +29,7 @@ switch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crosslib.analyses.probes import SeparabilityConfig, auc_per_row, fit_logistic_probes  # noqa: E402
 from crosslib.models.suite import SUITE_PRESETS, pythia_schedule  # noqa: E402
+from crosslib.runtime import THREADS_ENV, configure_process  # noqa: E402
 
 
 def planted_probes(n_features: int, n_snapshots: int, per_class: int, d_model: int, seed: int) -> np.ndarray:
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    os.environ[THREADS_ENV] = "fixed"  # the thread count is this benchmark's to set
+    configure_process()  # crosslib's allocator tuning, as `crosslib book` runs
     config = SeparabilityConfig()
     tiny = SUITE_PRESETS["tiny"]
     n_snapshots, d_model = len(pythia_schedule(tiny.total_steps, tiny.linear_every)), tiny.d_model

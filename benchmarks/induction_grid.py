@@ -47,6 +47,10 @@ def run_cell(seed: int, variant: str, out: Path, preset: str) -> dict:
     """Train one cell's suite in this process and return its record (call in a fresh process)."""
     import torch
 
+    from crosslib.runtime import THREADS_ENV, configure_process
+
+    os.environ[THREADS_ENV] = "fixed"  # one thread per cell, two cells side by side
+    configure_process()  # crosslib's allocator tuning, as `crosslib book` trains the suite
     torch.set_num_threads(1)
     from crosslib.analyses.dynamics import learning_dynamics, phase_summary
     from crosslib.machine import machine_description
